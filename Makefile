@@ -1,0 +1,36 @@
+# Every target sets itself up: `make demo` and `make test` work on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO_OUT ?= demo_outputs
+PYTEST_ARGS ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test lint bench clean
+
+# torch first (a local CPU/CUDA wheel pair), then the package, so nothing pulls another torch.
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m common.cli demo --out $(DEMO_OUT)
+
+test: $(STAMP)
+	$(PY) -m flake8 common tests
+	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m flake8 common tests
+
+bench: $(STAMP)
+	$(PY) -m common.cli benchmark iris --device cpu
+
+clean:
+	rm -rf $(DEMO_OUT) .pytest_cache
