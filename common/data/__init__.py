@@ -1,0 +1,27 @@
+"""Readers, synthetic generators, dataset converters, datalists and the episode sampler."""
+
+from .datalist import (
+    IMAGE_SUFFIXES,
+    ReferenceSet,
+    list_images,
+    load_datalist,
+    load_datalists,
+    load_references,
+    references_from_datalist,
+    write_references,
+)
+from .dicom import DicomReader, read_dicom
+from .episodes import EpisodeDataset
+from .mni152 import MNI152_CLASSES, MNI152_SOURCE, build_mni152_task, mni152_label_map
+from .robust import ERROR_KEY, SOURCE_KEY, ErrorTolerantDataset, root_cause
+from .synthetic3d import (
+    HELDOUT_CLASSES,
+    SHAPES,
+    SYNTHETIC_CLASSES,
+    TEXTURES,
+    StructureClass,
+    generate_synthetic_3d,
+    generate_volume,
+    smooth_random_field,
+    write_nifti,
+)

@@ -1,0 +1,230 @@
+"""Datalists, query lists and reference sets: plain functions over paths."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+__all__ = [
+    "ReferenceSet",
+    "load_datalist",
+    "load_datalists",
+    "list_images",
+    "load_references",
+    "references_from_datalist",
+    "IMAGE_SUFFIXES",
+    "write_references",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+
+
+@dataclass
+class ReferenceSet:
+    """Labelled reference examples: images with label maps, and the classes (name -> label value) they define."""
+
+    classes: dict[str, int]
+    items: list[dict[str, str]]
+    source: str = "<in memory>"
+    extra: dict = field(default_factory=dict)
+
+    def select(self, names: Sequence[str] | None) -> ReferenceSet:
+        """The same references restricted to ``names`` (all classes when None), in the order given."""
+        if names is None:
+            return self
+        if isinstance(names, str):
+            names = [names]
+        unknown = [n for n in names if n not in self.classes]
+        if unknown:
+            raise ValueError(f"{self.source}: classes {unknown} are not defined; defined: {sorted(self.classes)}.")
+        return ReferenceSet({n: self.classes[n] for n in names}, self.items, self.source, self.extra)
+
+
+def _read_json(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}).") from e
+
+
+def _resolve(base: Path, value: str) -> str:
+    p = Path(os.path.expanduser(value))
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def load_datalist(path: str | os.PathLike, key: str = "training", drop_heldout: bool = False) -> list[dict]:
+    """Items of one split of a decathlon-style datalist, with absolute paths.
+
+    Each item gets ``dataset`` (the datalist's ``name``) and ``class_names`` (label value as str -> class name,
+    from the datalist's ``labels``), which episodic training needs to tell classes of several datasets apart.
+
+    Args:
+        path: datalist JSON; relative paths inside are relative to its folder.
+        key: split to read, e.g. ``"training"``, ``"validation"``, ``"test"``.
+        drop_heldout: leave the classes listed in the datalist's ``heldout_labels`` out of ``class_names``, so
+            training never sees them.
+    """
+    path = Path(path)
+    data = _read_json(path)
+    if key not in data:
+        splits = [k for k, v in data.items() if isinstance(v, list)]
+        raise KeyError(f"{path}: no '{key}' split; splits present: {splits}.")
+    heldout = set(data.get("heldout_labels", [])) if drop_heldout else set()
+    # not "label_*": MONAI's Spacingd merges NIfTI headers into every "label_*" key of a dict
+    class_names = {str(k): str(v) for k, v in data.get("labels", {}).items() if str(k) != "0" and v not in heldout}
+    items = []
+    for i, entry in enumerate(data[key]):
+        entry = {"image": entry} if isinstance(entry, str) else dict(entry)
+        if "image" not in entry:
+            raise ValueError(f"{path}: item {i} of '{key}' has no 'image'.")
+        for k in ("image", "label"):
+            if k in entry:
+                entry[k] = _resolve(path.parent, entry[k])
+        entry.setdefault("dataset", data.get("name", path.stem))
+        entry.setdefault("class_names", class_names)
+        items.append(entry)
+    return items
+
+
+def load_datalists(
+    paths: str | os.PathLike | Sequence[str | os.PathLike], key: str = "training", drop_heldout: bool = False
+) -> list[dict]:
+    """Concatenated items of several datalists (multi-dataset training); see :func:`load_datalist`."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    return [item for p in paths for item in load_datalist(p, key, drop_heldout)]
+
+
+def list_images(spec: str | os.PathLike | Sequence[str], key: str = "test") -> list[dict]:
+    """Query items ``[{"image": path}, ...]`` from a glob pattern, a file, a folder, a datalist JSON or a list.
+
+    A folder holding DICOM files is one series (one item); any other folder is searched for image files.
+    A ``.json`` file is read as a datalist (split ``key``, or ``"testing"``, or a plain list of paths).
+    """
+    if not isinstance(spec, (str, os.PathLike)):
+        return [item for s in spec for item in list_images(s, key)]
+    spec = os.path.expanduser(str(spec))
+    if spec.endswith(".json"):
+        data = _read_json(spec)
+        if isinstance(data, list):
+            return [{"image": _resolve(Path(spec).parent, str(p))} for p in data]
+        for k in (key, "testing", "test"):
+            if k in data:
+                return load_datalist(spec, k)
+        raise KeyError(f"{spec}: no '{key}' split.")
+    if os.path.isdir(spec):
+        files = sorted(os.listdir(spec))
+        if any(f.lower().endswith(".dcm") for f in files):
+            return [{"image": str(Path(spec).resolve())}]
+        return [{"image": str((Path(spec) / f).resolve())} for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
+    if glob.has_magic(spec):
+        matches = sorted(glob.glob(spec))
+        if not matches:
+            # not an error here: a workflow is built before its data exists; engines refuse an empty run
+            logger.warning("no file matches the pattern %s", spec)
+        return [{"image": str(Path(m).resolve())} for m in matches]
+    # a missing single file is kept: its loading error is then reported with the others of the run
+    return [{"image": str(Path(spec).resolve())}]
+
+
+def load_references(path: str | os.PathLike, classes: Sequence[str] | None = None) -> ReferenceSet:
+    """Read a references file.
+
+    Format (paths relative to the file)::
+
+        {"classes": {"liver": 1, "spleen": 2},
+         "references": [{"image": "ref0.nii.gz", "label": "ref0_label.nii.gz"}, ...]}
+
+    Args:
+        path: the references JSON.
+        classes: names to keep (all when None).
+    """
+    path = Path(path)
+    data = _read_json(path)
+    refs, class_map = data.get("references"), data.get("classes")
+    if not isinstance(refs, list) or not refs:
+        raise ValueError(f"{path}: 'references' should be a non-empty list of {{'image', 'label'}} items.")
+    if not isinstance(class_map, Mapping) or not class_map:
+        raise ValueError(f"{path}: 'classes' should map class names to label values, e.g. {{\"liver\": 1}}.")
+    items = []
+    for i, ref in enumerate(refs):
+        if not isinstance(ref, Mapping) or "image" not in ref or "label" not in ref:
+            raise ValueError(f"{path}: reference {i} should have 'image' and 'label', got {ref}.")
+        items.append({"image": _resolve(path.parent, ref["image"]), "label": _resolve(path.parent, ref["label"])})
+    try:
+        class_values = {str(k): int(v) for k, v in class_map.items()}
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: class label values should be integers, got {dict(class_map)}.") from e
+    if any(v <= 0 for v in class_values.values()):
+        raise ValueError(f"{path}: label values should be positive (0 is background), got {class_values}.")
+    return ReferenceSet(class_values, items, str(path), {k: v for k, v in data.items() if k not in ("references",)})
+
+
+def references_from_datalist(
+    items: Sequence[Mapping], classes: Sequence[str] | None = None, num_references: int = 3, seed: int = 0
+) -> ReferenceSet:
+    """Pick up to ``num_references`` labelled items that together show every requested class.
+
+    Items are taken greedily (in a seeded random order) by how many still-missing classes their label map holds,
+    then topped up by items holding the most classes. All items must share one dataset's label names.
+
+    Args:
+        items: datalist items with ``image``, ``label`` and ``class_names`` (see :func:`load_datalist`).
+        classes: class names to cover; all classes of the datalist when None.
+        num_references: how many references to return.
+        seed: order of the candidates.
+    """
+    if not items:
+        raise ValueError("items should hold at least one labelled volume.")
+    names = {v: int(k) for k, v in items[0].get("class_names", {}).items()}
+    wanted = list(names) if classes is None else list(classes)
+    unknown = [c for c in wanted if c not in names]
+    if unknown:
+        raise ValueError(f"classes {unknown} are not in the datalist labels {sorted(names)}.")
+    order = np.random.default_rng(seed).permutation(len(items))
+    present = {}
+    for i in order:
+        values = set(np.unique(np.asarray(nib.load(items[i]["label"]).dataobj)).astype(int).tolist())
+        present[i] = {c for c in wanted if names[c] in values}
+    chosen: list[int] = []
+    missing = set(wanted)
+    while len(chosen) < num_references:
+        rest = [i for i in order if i not in chosen]
+        if not rest:
+            break
+        best = max(rest, key=lambda i: (len(present[i] & missing), len(present[i])))
+        if not present[best]:
+            break
+        chosen.append(best)
+        missing -= present[best]
+    if missing:
+        raise ValueError(f"no volume of the datalist shows the classes {sorted(missing)}.")
+    refs = [{"image": items[i]["image"], "label": items[i]["label"]} for i in chosen]
+    return ReferenceSet({c: names[c] for c in wanted}, refs, f"datalist references (seed {seed})")
+
+
+def write_references(path: str | os.PathLike, items: Sequence[Mapping], classes: Mapping[str, int]) -> Path:
+    """Write a references file (see :func:`load_references`) with paths relative to its folder."""
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path}: already exists; remove it or choose another path.")
+    refs = [
+        {k: os.path.relpath(Path(item[k]).resolve(), path.parent.resolve()) for k in ("image", "label")}
+        for item in items
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"classes": dict(classes), "references": refs}, indent=4) + "\n")
+    return path
