@@ -1,0 +1,3 @@
+"""Preview writers shared by every bundle."""
+
+from .preview import save_orthogonal_preview, save_overlay_2d
