@@ -294,7 +294,9 @@ class IRISNet(nn.Module):
             )
         for s in image.shape[2:]:
             if s % self.divisor != 0:
-                raise ValueError(f"{name} spatial sizes should be divisible by {self.divisor}, got {list(image.shape)}.")
+                raise ValueError(
+                    f"{name} spatial sizes should be divisible by {self.divisor}, got {list(image.shape)}."
+                )
 
     def encode_task(self, ref_image: torch.Tensor, ref_mask: torch.Tensor) -> torch.Tensor:
         """Task embeddings ``(B, K, m + 1, C)`` from references; references with an empty mask for a class are

@@ -1,0 +1,6 @@
+"""Training and inference steps plugged into MONAI workflows."""
+
+from .episodes import prepare_episode_batch
+from .evaluation import evaluate_strategies, per_class_dice_table
+from .evaluator import InContextEvaluator, labels_to_class_channels
+from .prompt import STRATEGIES, InContextPrompt, unwrap

@@ -1,0 +1,6 @@
+"""Ignite/MONAI handlers."""
+
+from .case_report import CaseReportWriter
+from .checkpoint import ResumableCheckpoint, latest_checkpoint
+from .gradient_clipping import GradientClipping
+from .memory_bank import MemoryBankUpdater

@@ -1,0 +1,3 @@
+"""Losses."""
+
+from .ignore_channels import IgnoreChannelsLoss
