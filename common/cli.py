@@ -1,0 +1,96 @@
+"""Command line of the collection: ``python -m common.cli <command> --help``; commands print what they made."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import fire
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLES_DIR = REPO_ROOT / "bundles"
+
+
+class CLI:
+    """Data generators, the demo and benchmarks of the Clinical Imaging Bundles."""
+
+    def synth3d(self, out: str, num_cases: int = 24, seed: int = 0, shape: tuple = (64, 64, 48), overwrite=False):
+        """Write synthetic CT-like volumes with structure label maps and ``datalist.json`` to ``out``."""
+        from common.data import generate_synthetic_3d
+
+        path = generate_synthetic_3d(out, num_cases=num_cases, shape=tuple(shape), seed=seed, overwrite=overwrite)
+        print(f"datalist: {path}")
+
+    def mni152(self, out: str, num_queries: int = 4, seed: int = 0, overwrite: bool = False):
+        """Write the MNI152 gray/white matter task (a reference and deformed queries) from nilearn's template."""
+        from common.data import build_mni152_task
+
+        paths = build_mni152_task(out, num_queries=num_queries, seed=seed, overwrite=overwrite)
+        for k, v in paths.items():
+            print(f"{k}: {v}")
+
+    def iris_sample(self, out: str, num_cases: int = 6, seed: int = 20261123, overwrite: bool = False):
+        """Build an IRIS bundle sample: synthetic volumes, a datalist, and ``references.json`` of its training
+        split (the embedded sample is made with the defaults)."""
+        from common.data import HELDOUT_CLASSES, generate_synthetic_3d, load_datalist, write_references
+
+        datalist = generate_synthetic_3d(
+            out, num_cases=num_cases, seed=seed, split=(0.5, 0.17, 0.33), overwrite=overwrite
+        )
+        train = load_datalist(datalist, "training")
+        names = {n: int(v) for v, n in train[0]["class_names"].items() if n not in HELDOUT_CLASSES}
+        refs = write_references(Path(out) / "references.json", train, names)
+        print(f"datalist: {datalist}\nreferences: {refs}")
+
+    def demo(self, out: str = "demo_outputs", bundles: str | list | None = None):
+        """Run every bundle's inference on its embedded sample; outputs and PNG previews go to ``out/<bundle>``."""
+        names = sorted(p.name for p in BUNDLES_DIR.iterdir() if (p / "configs" / "inference.json").is_file())
+        if bundles:
+            names = [n for n in names if n in ([bundles] if isinstance(bundles, str) else bundles)]
+        failed = []
+        for name in names:
+            bundle = BUNDLES_DIR / name
+            target = Path(out).resolve() / name
+            print(f"== {name}: inference on the embedded sample -> {target}", flush=True)
+            cmd = [
+                sys.executable, "-m", "monai.bundle", "run",
+                "--config_file", str(bundle / "configs" / "inference.json"),
+                "--meta_file", str(bundle / "configs" / "metadata.json"),
+                "--logging_file", str(bundle / "configs" / "logging.conf"),
+                "--bundle_root", str(bundle),
+                "--output_dir", str(target),
+                "--overwrite", "true",
+            ]
+            if subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"}).returncode:
+                failed.append(name)
+                continue
+            pngs = sorted(str(p) for p in target.glob("*.png"))
+            print(f"   {len(pngs)} preview(s): " + ", ".join(pngs))
+        if failed:
+            raise SystemExit(f"demo failed for: {', '.join(failed)}")
+        print(f"demo outputs in {Path(out).resolve()}")
+
+    def benchmark(self, model: str = "iris", **kwargs):
+        """Print speed and memory of a network, e.g. ``benchmark iris --device cpu --size small --image_size 64``.
+
+        IRIS options: size (small|full), image_size, num_classes, num_references, batch_size, device, repeats,
+        train (time a training step), amp (bf16 autocast), threads.
+        """
+        from common.benchmark import benchmark_iris
+
+        runners = {"iris": benchmark_iris}
+        if model not in runners:
+            raise SystemExit(f"unknown model '{model}'; choose from {sorted(runners)}")
+        result = runners[model](**kwargs)
+        print(json.dumps(result, indent=2))
+
+
+def main() -> None:
+    fire.Fire(CLI)
+
+
+if __name__ == "__main__":
+    main()
