@@ -250,13 +250,14 @@ def check_workflow_properties(
     Loads ``configs/train.json`` (``workflow_type="train"``) or ``configs/inference.json`` (``"infer"``) in a
     ``ConfigWorkflow`` with the bundle's metadata and logging config, runs ``initialize`` and checks the properties
     MONAI's ``TrainProperties``/``InferProperties`` and ``MetaProperties`` define, as ``check_properties`` does.
-    ``bundle_root`` points at ``bundle_dir``; ``dataset_dir`` and ``output_dir``, where the config has them, point at
-    empty folders under ``work_dir`` (a temporary folder when ``None``), so the bundle must initialise without data.
+    ``bundle_root`` points at ``bundle_dir`` and ``output_dir``, where the config has it, at a folder under
+    ``work_dir`` (a temporary folder when ``None``), so checking writes nothing into the bundle. ``dataset_dir`` keeps
+    the bundle's default: every bundle ships an embedded sample that its configs read by default.
 
     Args:
         bundle_dir: the bundle's root folder.
         workflow_type: ``"train"`` or ``"infer"``.
-        work_dir: where the overridden ``dataset_dir`` and ``output_dir`` live. Default a temporary folder.
+        work_dir: where the overridden ``output_dir`` lives. Default a temporary folder.
         override: further config id -> value overrides.
 
     Returns:
@@ -282,10 +283,8 @@ def check_workflow_properties(
     ]
     if absent:
         return absent
-    for key in ("dataset_dir", "output_dir"):
-        if key not in override and key in workflow.parser:
-            workflow.parser[key] = str(work / key)
-    (work / "dataset_dir").mkdir(parents=True, exist_ok=True)
+    if "output_dir" not in override and "output_dir" in workflow.parser:
+        workflow.parser["output_dir"] = str(work / "output_dir")
     workflow.initialize()
     missing = BundleWorkflow.check_properties(workflow) or []
     wrong = [

@@ -8,6 +8,7 @@ from .datalist import (
     load_datalists,
     load_references,
     references_from_datalist,
+    select_references,
     write_references,
 )
 from .dicom import DicomReader, read_dicom

@@ -22,6 +22,7 @@ __all__ = [
     "references_from_datalist",
     "IMAGE_SUFFIXES",
     "write_references",
+    "select_references",
 ]
 
 logger = logging.getLogger(__name__)
@@ -170,7 +171,8 @@ def load_references(path: str | os.PathLike, classes: Sequence[str] | None = Non
         raise ValueError(f"{path}: class label values should be integers, got {dict(class_map)}.") from e
     if any(v <= 0 for v in class_values.values()):
         raise ValueError(f"{path}: label values should be positive (0 is background), got {class_values}.")
-    return ReferenceSet(class_values, items, str(path), {k: v for k, v in data.items() if k not in ("references",)})
+    extra = {k: v for k, v in data.items() if k not in ("references", "classes")}
+    return ReferenceSet(class_values, items, str(path), extra).select(classes)
 
 
 def references_from_datalist(
@@ -183,7 +185,8 @@ def references_from_datalist(
 
     Args:
         items: datalist items with ``image``, ``label`` and ``class_names`` (see :func:`load_datalist`).
-        classes: class names to cover; all classes of the datalist when None.
+        classes: class names to cover (an error when one is in no volume); when None, every class of the datalist
+            that some volume shows.
         num_references: how many references to return.
         seed: order of the candidates.
     """
@@ -210,8 +213,11 @@ def references_from_datalist(
             break
         chosen.append(best)
         missing -= present[best]
-    if missing:
+    if missing and classes is not None:
         raise ValueError(f"no volume of the datalist shows the classes {sorted(missing)}.")
+    if missing:
+        logger.warning("no volume of the datalist shows the classes %s; they are left out", sorted(missing))
+        wanted = [c for c in wanted if c not in missing]
     refs = [{"image": items[i]["image"], "label": items[i]["label"]} for i in chosen]
     return ReferenceSet({c: names[c] for c in wanted}, refs, f"datalist references (seed {seed})")
 
@@ -228,3 +234,29 @@ def write_references(path: str | os.PathLike, items: Sequence[Mapping], classes:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"classes": dict(classes), "references": refs}, indent=4) + "\n")
     return path
+
+
+def select_references(
+    references_file: str | os.PathLike | None = None,
+    datalists: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    classes: Sequence[str] | None = None,
+    num_references: int = 3,
+    seed: int = 0,
+    include_heldout: bool = False,
+) -> ReferenceSet:
+    """References from a references file when given, else picked from the training split of ``datalists``.
+
+    Args:
+        references_file: a references JSON (see :func:`load_references`); empty or None to pick from datalists.
+        datalists: datalist JSON(s) whose ``training`` split provides the references.
+        classes: class names to keep or cover; all when None.
+        num_references: references picked from the datalists.
+        seed: order of the candidates.
+        include_heldout: allow the datalists' held-out classes (to evaluate classes unseen in training).
+    """
+    if references_file:
+        return load_references(references_file).select(classes)
+    if not datalists:
+        raise ValueError("either references_file or datalists should be given.")
+    items = load_datalists(datalists, "training", drop_heldout=not include_heldout)
+    return references_from_datalist(items, classes, num_references, seed)

@@ -74,6 +74,14 @@ class EpisodeDataset(Dataset):
         self.references_per_episode = references_per_episode
         self.episodes_per_epoch = episodes_per_epoch
         self.exclude_classes = set(exclude_classes)
+        if dataset_weights is not None:
+            known = {str(item.get("dataset", "")) for item in self.data}
+            bad = {k: w for k, w in dataset_weights.items() if k not in known or not w >= 0}
+            if bad or not any(w > 0 for w in dataset_weights.values()):
+                raise ValueError(
+                    f"dataset_weights should map dataset names {sorted(known)} to weights >= 0 (some > 0), "
+                    f"got {dict(dataset_weights)}."
+                )
         self.dataset_weights = dict(dataset_weights) if dataset_weights else None
         self.cache_rate = cache_rate
         self.num_workers = num_workers

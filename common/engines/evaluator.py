@@ -86,9 +86,13 @@ class InContextEvaluator(SupervisedEvaluator):
         # registered after the handlers, so a CheckpointLoader has loaded the weights before the prompt is encoded
         self.add_event_handler(Events.STARTED, self._encode_prompt)
 
-    def _encode_prompt(self, engine: InContextEvaluator) -> None:
-        if engine.state.epoch_length == 0:
+    def run(self, global_epoch: int = 1) -> None:
+        # MONAI returns quietly from an empty loader; an empty query list is a user error worth naming
+        if hasattr(self.data_loader, "__len__") and len(self.data_loader) == 0:
             raise ValueError("no case to process: the query list is empty (check the queries pattern or datalist).")
+        super().run(global_epoch)
+
+    def _encode_prompt(self, engine: InContextEvaluator) -> None:
         engine.state.case_failures = []
         engine.state.case_sources = []
         engine.state.task_embeddings = self.prompt.encode(engine.network, engine.state.device)
@@ -106,6 +110,9 @@ class InContextEvaluator(SupervisedEvaluator):
         if ERROR_KEY in batchdata:
             for source, message in zip(batchdata[SOURCE_KEY], batchdata[ERROR_KEY]):
                 engine.state.case_failures.append({"source": source, "error": message})
+            if engine.state.iteration == engine.state.epoch_length and not engine.state.case_sources:
+                errors = "\n  ".join(f["error"] for f in engine.state.case_failures)
+                raise RuntimeError(f"all {len(engine.state.case_failures)} case(s) failed:\n  {errors}")
             return None
         image = batchdata[Keys.IMAGE]
         engine.state.case_sources.extend(

@@ -29,9 +29,10 @@ class InContextPrompt:
     """Classes to segment and how their task embeddings ``(1, K, T, C)`` are obtained.
 
     Strategies:
-        - ``one_shot``: the first reference only.
+        - ``one_shot``: one reference per class, the first one that shows it.
         - ``ensemble``: the embeddings of all references, averaged.
-        - ``memory``: the trained class memory bank, by class name; no reference needed.
+        - ``memory``: the trained class memory bank, by class name; no reference image is read (a references file,
+          when given, only supplies class names and label values).
         - ``tuning``: start from the ensemble and optimise only the embeddings for ``tuning_steps`` steps of
           Dice + BCE on the references themselves, network frozen.
 
@@ -43,6 +44,8 @@ class InContextPrompt:
             with ``allow_missing_keys``); required for reference strategies.
         tuning_steps: optimisation steps of ``tuning``. Default 20.
         tuning_lr: Adam learning rate of ``tuning``. Default 0.01.
+        skip_unknown_classes: with ``memory``, leave out (with a warning) requested classes the bank has never seen
+            instead of raising; evaluation sweeps use it so the other classes are still scored.
     """
 
     def __init__(
@@ -53,6 +56,7 @@ class InContextPrompt:
         preprocessing: Callable | None = None,
         tuning_steps: int = 20,
         tuning_lr: float = 1e-2,
+        skip_unknown_classes: bool = False,
     ) -> None:
         self.strategy = strategy
         self.references = references
@@ -62,6 +66,7 @@ class InContextPrompt:
             raise ValueError(f"tuning_steps should be >= 0 and tuning_lr > 0, got {tuning_steps}, {tuning_lr}.")
         self.tuning_steps = tuning_steps
         self.tuning_lr = tuning_lr
+        self.skip_unknown_classes = skip_unknown_classes
         self.classes: dict[str, int] = {}
         self.tuning_losses: list[float] = []
 
@@ -83,17 +88,17 @@ class InContextPrompt:
     def load_references(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Preprocessed references ``(1, R, 1, *S)`` and binary masks ``(1, R, K, *S)`` of the selected classes.
 
-        Raises ``ValueError`` naming the file when a reference cannot be read or its label map is empty, and
-        naming the label files when a requested class has no voxel in any reference (before or after resampling to
-        the network grid). A class may be missing from some references of an ensemble: those are left out of
-        that class's average.
+        For ``one_shot`` each class keeps only the first reference that shows it (references no class keeps are
+        dropped). A class may be missing from some references of an ensemble: those are left out of that class's
+        average. Raises ``ValueError`` naming the file when a reference cannot be read or its label map is empty,
+        and naming the label files when a requested class has no voxel in any reference (before or after
+        resampling to the network grid).
         """
         if self.preprocessing is None:
             raise ValueError("preprocessing should be set to load references.")
         refs = self.reference_set()
-        items = refs.items[:1] if self.strategy == "one_shot" else refs.items
         images, masks = [], []
-        for item in items:
+        for item in refs.items:
             try:
                 data = self.preprocessing(dict(item))
             except Exception as e:  # report the reference, not the transform chain
@@ -104,16 +109,22 @@ class InContextPrompt:
                 raise ValueError(f"reference label {item['label']}: the mask is empty (no labelled voxel).")
             images.append(torch.as_tensor(data["image"]).float())
             masks.append(torch.stack([label == v for v in refs.classes.values()]).float())
-        present = torch.stack(masks).flatten(2).amax(-1) > 0  # (R, K)
+        image_t, mask_t = torch.stack(images), torch.stack(masks)  # (R, 1, *S), (R, K, *S)
+        present = mask_t.flatten(2).amax(-1) > 0  # (R, K)
         for k, (name, value) in enumerate(refs.classes.items()):
             if not bool(present[:, k].any()):
-                files = ", ".join(item["label"] for item in items)
+                files = ", ".join(item["label"] for item in refs.items)
                 raise ValueError(
                     f"reference label {files}: label value {value} ('{name}') is absent "
                     "(or vanishes when resampled to the network grid)."
                 )
+        if self.strategy == "one_shot":
+            keep = torch.zeros_like(present)
+            keep[present.int().argmax(0), torch.arange(present.shape[1])] = True
+            used = keep.any(1)
+            image_t, mask_t = image_t[used], (mask_t * keep[(...,) + (None,) * (mask_t.dim() - 2)])[used]
         self.classes = dict(refs.classes)
-        return torch.stack(images)[None].to(device), torch.stack(masks)[None].to(device)
+        return image_t[None].to(device), mask_t[None].to(device)
 
     def encode(self, network: torch.nn.Module, device: torch.device | str | None = None) -> torch.Tensor:
         """Task embeddings ``(1, K, T, C)`` for this prompt; sets :attr:`classes` (name -> output label value)."""
@@ -121,20 +132,28 @@ class InContextPrompt:
         device = torch.device(device) if device is not None else next(net.parameters()).device
         if self.strategy == "memory":
             bank = net.memory_bank
-            names = self.classes_requested or bank.known_classes
-            if not names:
+            if not bank.known_classes:
                 raise ValueError("the network's memory bank is empty: load trained weights or use references.")
-            embeddings = bank.retrieve(names)[None].to(device)
-            self.classes = {n: i + 1 for i, n in enumerate(names)}
-            return embeddings
+            # with references at hand, keep their label values so every strategy writes the same label map
+            if self.references is not None:
+                self.classes = dict(self.reference_set().classes)
+            else:
+                self.classes = {n: i + 1 for i, n in enumerate(self.classes_requested or bank.known_classes)}
+            unknown = [n for n in self.classes if n not in bank.known_classes]
+            if unknown and self.skip_unknown_classes:
+                logger.warning("memory bank has no entry for %s; these classes are left out", unknown)
+                self.classes = {n: v for n, v in self.classes.items() if n not in unknown}
+            return bank.retrieve(list(self.classes))[None].to(device)
         images, masks = self.load_references(device)
         was_training = net.training
         net.eval()
-        with torch.no_grad():
-            embeddings = net.encode_task(images, masks)
-        if self.strategy == "tuning" and self.tuning_steps > 0:
-            embeddings = self._tune(net, embeddings, images[0], masks[0])
-        net.train(was_training)
+        try:
+            with torch.no_grad():
+                embeddings = net.encode_task(images, masks)
+            if self.strategy == "tuning" and self.tuning_steps > 0:
+                embeddings = self._tune(net, embeddings, images[0], masks[0])
+        finally:
+            net.train(was_training)
         return embeddings
 
     def _tune(
@@ -157,7 +176,7 @@ class InContextPrompt:
                     loss = loss_fn(logits.flatten(0, 1).unsqueeze(1), target)
                     loss.backward()
                     optimizer.step()
-                    self.tuning_losses.append(float(loss))
+                    self.tuning_losses.append(loss.item())
         finally:
             for p, g in zip(net.parameters(), grad_state):
                 p.requires_grad_(g)

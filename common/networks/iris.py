@@ -152,6 +152,18 @@ class _TaskEncoder(nn.Module):
         self.mlp = _FeedForward(channels, mlp_ratio)
 
     def forward(self, features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """``(B, R, C, *low)`` features and ``(B, R, K, *high)`` masks of R references -> ``(B, K, m + 1, C)``.
+
+        References with an empty mask for a class are left out of that class's average.
+        """
+        b, r, k = masks.shape[0], masks.shape[1], masks.shape[2]
+        embeddings = self._encode(features.flatten(0, 1), masks.flatten(0, 1))
+        embeddings = embeddings.view(b, r, k, embeddings.shape[2], embeddings.shape[3])
+        present = (masks.flatten(3).amax(-1) > 0).to(embeddings.dtype)  # (B, R, K)
+        weights = present / present.sum(1, keepdim=True).clamp_min(1.0)
+        return (embeddings * weights[..., None, None]).sum(1)
+
+    def _encode(self, features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """``(N, C, *low)`` features and ``(N, K, *high)`` masks -> ``(N, K, m + 1, C)``."""
         n, k = masks.shape[0], masks.shape[1]
         foreground = masked_average_pool(features, masks)  # (N, K, C)
@@ -308,21 +320,21 @@ class IRISNet(nn.Module):
                 f"ref_image {list(ref_image.shape)} and ref_mask {list(ref_mask.shape)} should share batch, "
                 "reference and spatial sizes."
             )
-        b, r, k = ref_mask.shape[0], ref_mask.shape[1], ref_mask.shape[2]
         images = ref_image.flatten(0, 1)
         self._check_image(images, "ref_image")
         features = self.encoder(images)[-1]
-        embeddings = self.task_encoder(features, ref_mask.flatten(0, 1))
-        embeddings = embeddings.view(b, r, k, embeddings.shape[2], embeddings.shape[3])
-        present = (ref_mask.flatten(3).amax(-1) > 0).to(embeddings.dtype)  # (B, R, K)
-        weights = present / present.sum(1, keepdim=True).clamp_min(1.0)
-        return (embeddings * weights[..., None, None]).sum(1)
+        features = features.view([ref_image.shape[0], ref_image.shape[1]] + list(features.shape[1:]))
+        return self.task_encoder(features, ref_mask)
 
     def segment(self, image: torch.Tensor, task_embeddings: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, K, *spatial)`` of ``image`` for each class of ``task_embeddings`` ``(B or 1, K, T, C)``."""
         self._check_image(image, "image")
         features = self.encoder(image)
         b = image.shape[0]
+        if task_embeddings.dim() != 4 or task_embeddings.shape[0] not in (1, b):
+            raise ValueError(
+                f"task_embeddings should have shape (1 or {b}, K, T, C), got {list(task_embeddings.shape)}."
+            )
         if task_embeddings.shape[0] != b:
             task_embeddings = task_embeddings.expand(b, -1, -1, -1)
         k = task_embeddings.shape[1]

@@ -51,12 +51,13 @@ class ClassMemoryBank(nn.Module):
 
     def register(self, names: Sequence[str]) -> torch.Tensor:
         """Give each new name a slot (in the order given) and return the slot index of every name."""
+        new = list(dict.fromkeys(n for n in names if n not in self.class_names))
+        if len(self.class_names) + len(new) > self.embeddings.shape[0]:
+            raise ValueError(
+                f"memory bank is full ({self.embeddings.shape[0]} classes); cannot add classes {new}."
+            )
         for name in names:
             if name not in self.class_names:
-                if len(self.class_names) >= self.embeddings.shape[0]:
-                    raise ValueError(
-                        f"memory bank is full ({self.embeddings.shape[0]} classes); cannot add class '{name}'."
-                    )
                 self.class_names.append(str(name))
         return torch.tensor([self.class_names.index(n) for n in names], dtype=torch.long)
 

@@ -48,7 +48,7 @@ class NormalizeIntensityd(MapTransform):
             window = look_up_option(window, CT_WINDOWS)
         if len(window) != 2 or window[1] <= 0:
             raise ValueError(f"window should be a name or (center, width > 0), got {window}.")
-        if not 0 <= percentiles[0] < percentiles[1] <= 100:
+        if len(percentiles) != 2 or not 0 <= percentiles[0] < percentiles[1] <= 100:
             raise ValueError(f"percentiles should satisfy 0 <= lower < upper <= 100, got {percentiles}.")
         center, width = float(window[0]), float(window[1])
         self.scaler = (

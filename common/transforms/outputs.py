@@ -67,10 +67,10 @@ class CheckOutputsd(MapTransform):
         return d
 
 
-def _voxel_volume_ml(img) -> float:
+def _voxel_volume_ml(img) -> float | None:
     affine = getattr(img, "affine", None)
-    if affine is None:
-        return float("nan")
+    if affine is None:  # unknown spacing: JSON null rather than NaN
+        return None
     return float(abs(np.linalg.det(np.asarray(affine, dtype=float)[:3, :3]))) / 1000.0
 
 
@@ -113,7 +113,11 @@ class SaveSegmentationSummaryd(MapTransform):
                 "spatial_shape": list(label.shape[1:]),
                 "voxel_volume_ml": voxel_ml,
                 "classes": {
-                    name: {"label_value": value, "voxels": counts[name], "volume_ml": counts[name] * voxel_ml}
+                    name: {
+                        "label_value": value,
+                        "voxels": counts[name],
+                        "volume_ml": None if voxel_ml is None else counts[name] * voxel_ml,
+                    }
                     for name, value in class_values(self.classes).items()
                 },
             }
