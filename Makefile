@@ -20,11 +20,14 @@ $(STAMP): setup.cfg pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m common.cli demo --out $(DEMO_OUT)
+	MPLCONFIGDIR=$$(mktemp -d) $(PY) -m common.cli demo --out $(DEMO_OUT)
 
+# every cache and temporary file of the suite goes to one throwaway folder, never the home directory
 test: $(STAMP)
 	$(PY) -m flake8 common tests
-	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+	@tmp=$$(mktemp -d); \
+	TMPDIR=$$tmp MPLCONFIGDIR=$$tmp/matplotlib YOLO_CONFIG_DIR=$$tmp/ultralytics HF_HOME=$$tmp/huggingface \
+	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS); rc=$$?; rm -rf $$tmp; exit $$rc
 
 lint: $(STAMP)
 	$(PY) -m flake8 common tests
