@@ -1,0 +1,196 @@
+"""The IRIS bundle as a user runs it: ``python -m monai.bundle run`` in a subprocess, on small settings."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from common.data import generate_synthetic_3d, write_references
+
+BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "iris_incontext_segmentation"
+SMALL = ["--image_size", "[32,32,32]"]
+pytestmark = pytest.mark.xdist_group(name="iris_bundle")
+
+
+def bundle_run(config: str | list[str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    configs = [config] if isinstance(config, str) else config
+    files = [str(BUNDLE / "configs" / c) for c in configs]
+    cmd = [
+        sys.executable, "-m", "monai.bundle", "run",
+        "--config_file", str(files) if len(files) > 1 else files[0],
+        "--meta_file", str(BUNDLE / "configs" / "metadata.json"),
+        "--logging_file", str(BUNDLE / "configs" / "logging.conf"),
+        "--bundle_root", str(BUNDLE),
+        *args,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"bundle run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    generate_synthetic_3d(out, num_cases=8, shape=(48, 48, 32), seed=3, split=(0.5, 0.25, 0.25))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(synth, tmp_path_factory) -> Path:
+    """Two tiny epochs of train.json: checkpoints, model.pt with a filled memory bank."""
+    ckpt = tmp_path_factory.mktemp("models")
+    bundle_run(
+        "train.json",
+        "--dataset_dir", str(synth), "--ckpt_dir", str(ckpt), "--output_dir", str(ckpt / "eval"),
+        "--max_epochs", "2", "--episodes_per_epoch", "3", "--val_interval", "1", *SMALL,
+    )
+    return ckpt
+
+
+def test_train_writes_checkpoints_and_memory_bank(trained):
+    assert list(trained.glob("checkpoint_*.pt"))
+    state = torch.load(trained / "model.pt", map_location="cpu", weights_only=False)
+    names = state["memory_bank._extra_state"]["class_names"]
+    assert names and "nodule_cluster" not in names  # held-out classes never reach training
+    assert int(state["memory_bank.counts"].sum()) > 0
+    assert list((trained / "eval").glob("events.out.tfevents.*"))
+
+
+def test_train_resumes_from_checkpoint(synth, trained, tmp_path):
+    ckpt = tmp_path / "models"
+    shutil.copytree(trained, ckpt)
+    proc = bundle_run(
+        "train.json",
+        "--dataset_dir", str(synth), "--ckpt_dir", str(ckpt), "--output_dir", str(tmp_path / "eval"),
+        "--max_epochs", "3", "--episodes_per_epoch", "3", "--val_interval", "1", "--resume", "true", *SMALL,
+    )
+    assert "resuming from" in proc.stdout + proc.stderr
+    assert (ckpt / "checkpoint_checkpoint_epoch=3.pt").exists()
+
+
+def test_evaluate_writes_per_class_dice_per_strategy(synth, trained, tmp_path):
+    bundle_run(
+        ["train.json", "evaluate.json"],
+        "--dataset_dir", str(synth), "--ckpt_dir", str(trained), "--output_dir", str(tmp_path),
+        "--validate#prompt#tuning_steps", "2", *SMALL,
+    )
+    results = json.loads((tmp_path / "dice_per_strategy.json").read_text())
+    assert set(results) == {"one_shot", "ensemble", "memory", "tuning"}
+    for row in results.values():
+        assert 0.0 <= row["mean"] <= 1.0
+        assert "nodule_cluster" not in row
+    table = (tmp_path / "dice_per_strategy.md").read_text()
+    assert table.startswith("| class | one_shot | ensemble | memory | tuning |")
+
+
+@pytest.mark.parametrize("strategy", ["one_shot", "ensemble", "memory", "tuning"])
+def test_inference_strategies_on_embedded_sample(trained, tmp_path, strategy):
+    extra = []
+    if strategy == "memory":  # a two-epoch bank knows only the classes its few episodes drew
+        bank = torch.load(trained / "model.pt", map_location="cpu", weights_only=False)
+        names = bank["memory_bank._extra_state"]["class_names"]
+        known = [n for i, n in enumerate(names) if int(bank["memory_bank.counts"][i]) > 0]
+        extra = ["--classes", str(known[:2])]
+    bundle_run(
+        "inference.json", "--ckpt_path", str(trained / "model.pt"), "--output_dir", str(tmp_path),
+        "--strategy", strategy, "--tuning_steps", "2", *extra, *SMALL,
+    )
+    report = json.loads((tmp_path / "run_report.json").read_text())
+    assert len(report["completed"]) == 2 and report["failed"] == []
+    for source in report["completed"]:
+        stem = Path(source).name.replace(".nii.gz", "")
+        seg, image = nib.load(tmp_path / f"{stem}_seg.nii.gz"), nib.load(source)
+        assert seg.shape == image.shape and np.allclose(seg.affine, image.affine, atol=1e-4)
+        summary = json.loads((tmp_path / f"{stem}_summary.json").read_text())
+        assert summary["strategy"] == strategy
+        values = set(np.unique(np.asarray(seg.dataobj)).tolist())
+        assert values <= {0} | {c["label_value"] for c in summary["classes"].values()}
+        for c in summary["classes"].values():
+            assert c["voxels"] == int((np.asarray(seg.dataobj) == c["label_value"]).sum())
+        assert (tmp_path / f"{stem}_preview.png").stat().st_size > 1000
+
+
+def test_inference_never_overwrites_outputs(trained, tmp_path):
+    args = ["inference.json", "--ckpt_path", str(trained / "model.pt"), "--output_dir", str(tmp_path), *SMALL]
+    bundle_run(*args)
+    seg = sorted(tmp_path.glob("*_seg.nii.gz"))[0]
+    seg.write_bytes(b"user data")
+    bundle_run(*args)
+    assert seg.read_bytes() == b"user data"
+    report = json.loads((tmp_path / "run_report.json").read_text())
+    assert len(report["failed"]) == 2 and all("overwrite" in f["error"] for f in report["failed"])
+    bundle_run(*args, "--overwrite", "true")
+    assert seg.read_bytes() != b"user data"
+
+
+def _write(path: Path, array: np.ndarray, affine=None) -> str:
+    nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else affine), str(path))
+    return str(path)
+
+
+def test_bad_queries_are_reported_and_others_complete(trained, tmp_path):
+    """A 2D image, non-finite voxels and an unreadable file fail with their file named; good queries finish."""
+    good = BUNDLE / "sample" / "imagesTr" / "synth_004.nii.gz"
+    bad = {
+        "flat": _write(tmp_path / "flat.nii.gz", np.zeros((40, 40), np.float32)),
+        "nan": _write(tmp_path / "nan.nii.gz", np.full((32, 32, 32), np.nan, np.float32)),
+        "garbage": str(tmp_path / "garbage.nii.gz"),
+    }
+    Path(bad["garbage"]).write_bytes(b"not an image")
+    queries = tmp_path / "queries.json"
+    queries.write_text(json.dumps([str(good), *bad.values()]))
+    out = tmp_path / "out"
+    bundle_run("inference.json", "--ckpt_path", str(trained / "model.pt"), "--output_dir", str(out),
+               "--queries", str(queries), *SMALL)
+    report = json.loads((out / "run_report.json").read_text())
+    assert report["completed"] == [str(good)]
+    errors = {Path(f["source"]).name: f["error"] for f in report["failed"]}
+    assert "2D" in errors["flat.nii.gz"] and bad["flat"] in errors["flat.nii.gz"]
+    assert "non-finite" in errors["nan.nii.gz"]
+    assert bad["garbage"] in errors["garbage.nii.gz"]
+    assert (out / "synth_004_seg.nii.gz").exists()
+
+
+def _reference_case(tmp_path: Path, label: np.ndarray, image: np.ndarray | None = None) -> Path:
+    image = np.random.default_rng(0).normal(0, 50, label.shape).astype(np.float32) if image is None else image
+    img = _write(tmp_path / "ref.nii.gz", image)
+    lab = _write(tmp_path / "ref_label.nii.gz", label.astype(np.uint8))
+    return write_references(tmp_path / "references.json", [{"image": img, "label": lab}], {"target": 1})
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("empty", "the mask is empty"),
+        ("absent", "label value 1 ('target') is absent"),
+        ("2d", "expected a 3D image"),
+    ],
+)
+def test_bad_references_name_the_file(trained, tmp_path, case, expected):
+    label = np.zeros((32, 32, 32), np.uint8)
+    if case == "absent":
+        label[10:20, 10:20, 10:20] = 2
+    refs = _reference_case(tmp_path, label)
+    if case == "2d":
+        _write(tmp_path / "ref.nii.gz", np.zeros((32, 32), np.float32))
+        _write(tmp_path / "ref_label.nii.gz", np.ones((32, 32), np.uint8))
+    proc = bundle_run("inference.json", "--ckpt_path", str(trained / "model.pt"), "--output_dir",
+                      str(tmp_path / "out"), "--references_file", str(refs), *SMALL, check=False)
+    assert proc.returncode != 0
+    assert expected in proc.stderr and str(tmp_path / "ref") in proc.stderr
+
+
+def test_missing_weights_name_the_file(tmp_path):
+    missing = tmp_path / "nowhere" / "model.pt"
+    proc = bundle_run("inference.json", "--ckpt_path", str(missing), "--output_dir", str(tmp_path), *SMALL,
+                      check=False)
+    assert proc.returncode != 0 and str(missing) in proc.stderr
