@@ -329,8 +329,10 @@ class IRISNet(nn.Module):
     def segment(self, image: torch.Tensor, task_embeddings: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, K, *spatial)`` of ``image`` for each class of ``task_embeddings`` ``(B or 1, K, T, C)``."""
         self._check_image(image, "image")
-        features = self.encoder(image)
-        b = image.shape[0]
+        return self._decode(self.encoder(image), task_embeddings)
+
+    def _decode(self, features: list[torch.Tensor], task_embeddings: torch.Tensor) -> torch.Tensor:
+        b = features[0].shape[0]
         if task_embeddings.dim() != 4 or task_embeddings.shape[0] not in (1, b):
             raise ValueError(
                 f"task_embeddings should have shape (1 or {b}, K, T, C), got {list(task_embeddings.shape)}."
@@ -352,8 +354,27 @@ class IRISNet(nn.Module):
         return logits.reshape([b, k] + list(logits.shape[2:]))
 
     def forward(self, image: torch.Tensor, ref_image: torch.Tensor, ref_mask: torch.Tensor) -> torch.Tensor:
-        """One-pass in-context segmentation: ``segment(image, encode_task(ref_image, ref_mask))``."""
-        return self.segment(image, self.encode_task(ref_image, ref_mask))
+        """One-pass in-context segmentation: ``segment(image, encode_task(ref_image, ref_mask))``.
+
+        When query and references share a grid, one encoder pass takes them all as a batch (the same result, as
+        instance norm is per sample), which is markedly faster, especially for single queries on CPU.
+        """
+        if ref_image.dim() == self.spatial_dims + 2:
+            ref_image, ref_mask = ref_image.unsqueeze(1), ref_mask.unsqueeze(1)
+        if ref_image.shape[3:] != image.shape[2:] or ref_image.shape[2] != image.shape[1]:
+            return self.segment(image, self.encode_task(ref_image, ref_mask))
+        self._check_image(image, "image")
+        if ref_image.shape[:2] != ref_mask.shape[:2] or ref_image.shape[3:] != ref_mask.shape[3:]:
+            raise ValueError(
+                f"ref_image {list(ref_image.shape)} and ref_mask {list(ref_mask.shape)} should share batch, "
+                "reference and spatial sizes."
+            )
+        b, r = image.shape[0], ref_image.shape[1]
+        features = self.encoder(torch.cat([image, ref_image.flatten(0, 1)], dim=0))
+        ref_features = features[-1][b:]
+        ref_features = ref_features.view([ref_image.shape[0], r] + list(ref_features.shape[1:]))
+        task_embeddings = self.task_encoder(ref_features, ref_mask)
+        return self._decode([f[:b] for f in features], task_embeddings)
 
 
 def iris_full(**kwargs) -> IRISNet:
