@@ -1,3 +1,4 @@
 """Losses."""
 
 from .ignore_channels import IgnoreChannelsLoss
+from .prototype_contrastive import PrototypeContrastiveLoss
