@@ -26,3 +26,24 @@ from .synthetic3d import (
     smooth_random_field,
     write_nifti,
 )
+from .synthetic_cxr import (
+    CXR_CONCEPTS,
+    CXR_DISEASES,
+    DISEASE_RULES,
+    FIELD_OF_VIEW_MM,
+    LESION_CLASSES,
+    DiseaseRule,
+    diseases_from_concepts,
+    generate_cxr,
+    generate_synthetic_cxr,
+    load_lung_mask,
+    num_lung_masks,
+)
+from .vindr import (
+    VINDR_DETECTION_CLASSES,
+    VINDR_GLOBAL_LABELS,
+    VINDR_LOCAL_LABELS,
+    convert_vindr_classification,
+    convert_vindr_detection,
+    fuse_boxes_wbf,
+)
