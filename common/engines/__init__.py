@@ -1,6 +1,16 @@
 """Training and inference steps plugged into MONAI workflows."""
 
+from .concept_evaluation import evaluate_concept_model, peak_inside
+from .concepts import (
+    ConceptStageTrainer,
+    ExplainingModel,
+    ExplanationInferer,
+    PrepareBatchLabelKey,
+    concept_similarity,
+    csr_network,
+)
 from .episodes import prepare_episode_batch
 from .evaluation import evaluate_strategies, per_class_dice_table
 from .evaluator import InContextEvaluator, labels_to_class_channels
 from .prompt import STRATEGIES, InContextPrompt, unwrap
+from .robust import RobustEvaluator

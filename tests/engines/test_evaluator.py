@@ -154,7 +154,7 @@ def test_query_without_label(cases, net):
 def test_empty_query_list_raises(cases, net):
     prompt = InContextPrompt(references=cases["references"], preprocessing=_preprocessing())
     loader = DataLoader(Dataset([]), batch_size=1)
-    with pytest.raises(ValueError, match="query list is empty"):
+    with pytest.raises(ValueError, match="case list is empty"):
         InContextEvaluator(device="cpu", val_data_loader=loader, network=net, prompt=prompt).run()
 
 
