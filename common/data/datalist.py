@@ -27,6 +27,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# item keys holding a path, and keys holding a {name: path} mapping, resolved against the datalist's folder
+PATH_KEYS = ("image", "label", "roi")
+PATH_MAP_KEYS = ("concept_masks",)
+
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 
 
@@ -91,9 +95,12 @@ def load_datalist(path: str | os.PathLike, key: str = "training", drop_heldout: 
         entry = {"image": entry} if isinstance(entry, str) else dict(entry)
         if "image" not in entry:
             raise ValueError(f"{path}: item {i} of '{key}' has no 'image'.")
-        for k in ("image", "label"):
-            if k in entry:
+        for k in PATH_KEYS:
+            if isinstance(entry.get(k), str):
                 entry[k] = _resolve(path.parent, entry[k])
+        for k in PATH_MAP_KEYS:
+            if isinstance(entry.get(k), Mapping):
+                entry[k] = {name: _resolve(path.parent, v) for name, v in entry[k].items()}
         entry.setdefault("dataset", data.get("name", path.stem))
         entry.setdefault("class_names", class_names)
         items.append(entry)

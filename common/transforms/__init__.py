@@ -1,6 +1,9 @@
 """MONAI dictionary transforms."""
 
+from .concepts import LoadConceptMasksd
+from .explanations import SaveConceptExplanationd
 from .intensity import CT_WINDOWS, NormalizeIntensityd
+from .io import LoadMedicalImaged
 from .labels import ProbabilitiesToLabelMapd, class_values
 from .outputs import CheckOutputsd, SaveOrthogonalPreviewd, SaveSegmentationSummaryd, output_path
-from .validation import ValidateImaged, source_name
+from .validation import CheckSameGridd, ValidateImaged, source_name
