@@ -10,7 +10,7 @@ import torch
 
 from common.networks import iris_full, iris_small
 
-__all__ = ["benchmark_iris"]
+__all__ = ["benchmark_iris", "benchmark_csr"]
 
 IRIS_SIZES = {"small": iris_small, "full": iris_full}
 
@@ -83,5 +83,66 @@ def benchmark_iris(
         "mode": "train step" if train else "forward",
         "amp_bf16": amp,
         "latency_s": round(statistics.median(times), 4),
+        "peak_memory_mb": round(peak, 1),
+    }
+
+
+def benchmark_csr(
+    backbone: str = "tiny",
+    image_size: int = 256,
+    batch_size: int = 16,
+    device: str = "cpu",
+    repeats: int = 5,
+    train: bool = False,
+    amp: bool = False,
+    threads: int | None = None,
+    num_concepts: int = 11,
+    num_classes: int = 6,
+) -> dict:
+    """Images/s and peak memory of CSR's ``explain`` (or a stage-1 training step) at one batch size and device."""
+    from common.networks import CSRNet
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    stage = 1 if train else 0
+    net = CSRNet(backbone=backbone, num_concepts=num_concepts, num_classes=num_classes, training_stage=stage)
+    net = net.to(dev).train(train)
+    image = torch.rand(batch_size, 1, image_size, image_size, device=dev)
+    optimizer = torch.optim.AdamW(net.trainable_parameters(), lr=1e-4) if train else None
+
+    def step() -> None:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            if train:
+                net.explain(image)["concept_logits"].float().mean().backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                with torch.inference_mode():
+                    net.explain(image)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else _peak_rss_mb()
+    latency = statistics.median(times)
+    return {
+        "network": f"csr_{backbone}",
+        "params_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 3),
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
+        "threads": torch.get_num_threads(),
+        "mode": "train step (stage 1)" if train else "explain",
+        "amp_bf16": amp,
+        "images_per_s": round(batch_size / latency, 2),
+        "latency_s": round(latency, 4),
         "peak_memory_mb": round(peak, 1),
     }

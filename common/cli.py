@@ -45,6 +45,19 @@ class CLI:
         refs = write_references(Path(out) / "references.json", train, names)
         print(f"datalist: {datalist}\nreferences: {refs}")
 
+    def synth_cxr(
+        self, out: str, num_images: int = 200, size: int = 256, seed: int = 0, concept_prob: float = 0.3,
+        dicom_fraction: float = 0.0, overwrite: bool = False,
+    ):
+        """Write synthetic chest radiographs with concept masks, disease labels, lesion boxes and ``datalist.json``."""
+        from common.data import generate_synthetic_cxr
+
+        path = generate_synthetic_cxr(
+            out, num_images=num_images, size=size, seed=seed, concept_prob=concept_prob,
+            write_dicom_fraction=dicom_fraction, overwrite=overwrite,
+        )
+        print(f"datalist: {path}")
+
     def demo(self, out: str = "demo_outputs", bundles: str | list | None = None):
         """Run every bundle's inference on its embedded sample; outputs and PNG previews go to ``out/<bundle>``."""
         names = sorted(p.name for p in BUNDLES_DIR.iterdir() if (p / "configs" / "inference.json").is_file())
@@ -78,10 +91,12 @@ class CLI:
 
         IRIS options: size (small|full), image_size, num_classes, num_references, batch_size, device, repeats,
         train (time a training step), amp (bf16 autocast), threads.
+        CSR options: backbone (tiny|resnet18|resnet50|densenet121|vit_b_16), image_size, batch_size, device,
+        repeats, train, amp, threads.
         """
-        from common.benchmark import benchmark_iris
+        from common.benchmark import benchmark_csr, benchmark_iris
 
-        runners = {"iris": benchmark_iris}
+        runners = {"iris": benchmark_iris, "csr": benchmark_csr}
         if model not in runners:
             raise SystemExit(f"unknown model '{model}'; choose from {sorted(runners)}")
         result = runners[model](**kwargs)

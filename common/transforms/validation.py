@@ -6,7 +6,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-__all__ = ["ValidateImaged", "source_name"]
+__all__ = ["ValidateImaged", "CheckSameGridd", "source_name"]
 
 
 def source_name(img) -> str:
@@ -63,4 +63,29 @@ class ValidateImaged(MapTransform):
             if not bool(finite.all()):
                 bad = int((~finite).sum())
                 raise ValueError(f"{name}: image has {bad} non-finite voxel(s) (NaN or Inf).")
+        return d
+
+
+class CheckSameGridd(MapTransform):
+    """Require each key's spatial shape to equal ``reference_key``'s (e.g. a doctor's ROI drawn on the image).
+
+    Args:
+        keys: keys to check (e.g. ``"roi"``).
+        reference_key: the image they must match. Default ``"image"``.
+        allow_missing_keys: skip absent keys (an image without an ROI).
+    """
+
+    def __init__(self, keys: KeysCollection, reference_key: str = "image", allow_missing_keys: bool = True) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.reference_key = reference_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        ref = d[self.reference_key]
+        for key in self.key_iterator(d):
+            if tuple(d[key].shape[1:]) != tuple(ref.shape[1:]):
+                raise ValueError(
+                    f"{source_name(d[key])}: {key} has spatial shape {list(d[key].shape[1:])} but the image "
+                    f"{source_name(ref)} has {list(ref.shape[1:])}; it must be drawn on the same grid."
+                )
         return d
