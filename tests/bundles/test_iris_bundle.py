@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -14,27 +13,16 @@ import pytest
 import torch
 
 from common.data import generate_synthetic_3d, write_references
+from tests.bundles.runner import BUNDLES
+from tests.bundles.runner import bundle_run as run_bundle
 
-BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "iris_incontext_segmentation"
+BUNDLE = BUNDLES / "iris_incontext_segmentation"
 SMALL = ["--image_size", "[32,32,32]"]
 pytestmark = pytest.mark.xdist_group(name="iris_bundle")
 
 
 def bundle_run(config: str | list[str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    configs = [config] if isinstance(config, str) else config
-    files = [str(BUNDLE / "configs" / c) for c in configs]
-    cmd = [
-        sys.executable, "-m", "monai.bundle", "run",
-        "--config_file", str(files) if len(files) > 1 else files[0],
-        "--meta_file", str(BUNDLE / "configs" / "metadata.json"),
-        "--logging_file", str(BUNDLE / "configs" / "logging.conf"),
-        "--bundle_root", str(BUNDLE),
-        *args,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"bundle run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
+    return run_bundle(BUNDLE, config, *args, check=check)
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +182,26 @@ def test_missing_weights_name_the_file(tmp_path):
     proc = bundle_run("inference.json", "--ckpt_path", str(missing), "--output_dir", str(tmp_path), *SMALL,
                       check=False)
     assert proc.returncode != 0 and str(missing) in proc.stderr
+
+
+def test_dicom_series_and_nrrd_queries(trained, tmp_path):
+    """Queries in the other supported formats: a DICOM series folder (the shared reader) and an NRRD file."""
+    import os
+
+    import nrrd
+    import pydicom.data
+
+    series = os.path.join(os.path.dirname(pydicom.data.__file__), "test_files", "dicomdirtests", "98892001", "CT5N")
+    image = np.asarray(nib.load(BUNDLE / "sample" / "imagesTr" / "synth_004.nii.gz").dataobj).astype(np.float32)
+    header = {"space": "left-posterior-superior", "space directions": np.diag([1.0, 1.0, 2.0]).tolist(),
+              "space origin": [0.0, 0.0, 0.0]}
+    nrrd.write(str(tmp_path / "query.nrrd"), image, header)
+    queries = tmp_path / "queries.json"
+    queries.write_text(json.dumps([series, str(tmp_path / "query.nrrd")]))
+    out = tmp_path / "out"
+    bundle_run("inference.json", "--ckpt_path", str(trained / "model.pt"), "--output_dir", str(out),
+               "--queries", str(queries), *SMALL)
+    report = json.loads((out / "run_report.json").read_text())
+    assert report["failed"] == [] and len(report["completed"]) == 2
+    assert nib.load(out / "query_seg.nii.gz").shape == image.shape
+    assert nib.load(out / "CT5N_seg.nii.gz").shape == (16, 16, 5)
