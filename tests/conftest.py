@@ -20,6 +20,8 @@ for _var, _sub in [
 ]:
     os.environ.setdefault(_var, str(_SCRATCH / _sub))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# one thread per process: the suite runs two workers on two cores, and their subprocesses inherit this
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 

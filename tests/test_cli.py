@@ -1,0 +1,46 @@
+"""The command line as a user runs it: the demo over every bundle and the data generators."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.cli import BUNDLES_DIR
+
+
+def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "common.cli", *args], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+@pytest.mark.xdist_group(name="demo")
+def test_demo_runs_every_bundle_on_its_embedded_sample(tmp_path):
+    proc = cli("demo", "--out", str(tmp_path))
+    bundles = sorted(p.name for p in BUNDLES_DIR.iterdir() if (p / "configs" / "inference.json").is_file())
+    assert bundles
+    for name in bundles:
+        out = tmp_path / name
+        assert list(out.glob("*.png")), f"{name}: no preview in {out}"
+        report = json.loads((out / "run_report.json").read_text())
+        assert report["completed"] and not report["failed"]
+    assert str(tmp_path) in proc.stdout
+
+
+def test_iris_sample_command_builds_a_runnable_sample(tmp_path):
+    cli("iris_sample", "--out", str(tmp_path / "sample"), "--num_cases", "4")
+    refs = json.loads((tmp_path / "sample" / "references.json").read_text())
+    assert refs["references"] and all((tmp_path / "sample" / r["image"]).exists() for r in refs["references"])
+    assert "nodule_cluster" not in refs["classes"]  # held-out classes stay out of the sample's references
+    with pytest.raises(AssertionError, match="already exists|FileExistsError"):
+        cli("iris_sample", "--out", str(tmp_path / "sample"), "--num_cases", "4")
+
+
+def test_mni152_command(tmp_path):
+    cli("mni152", "--out", str(tmp_path / "mni"), "--num_queries", "1")
+    datalist = json.loads((tmp_path / "mni" / "datalist.json").read_text())
+    assert Path(tmp_path / "mni" / datalist["test"][0]["image"]).exists()
