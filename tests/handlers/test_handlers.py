@@ -41,15 +41,6 @@ CLIP_CASES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscribing a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class _GradNormRecorder:
     """Records the total gradient norm when the backward pass completes (attach after the clipping handler)."""
 

@@ -20,15 +20,6 @@ ILL_CASES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscribing a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _reference(vectors, prototypes, present, tau):
     """Loop over (b, k) pairs, straight from the formula."""
     k_, m = vectors.shape[1], prototypes.shape[0] // vectors.shape[1]

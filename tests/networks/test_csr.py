@@ -42,15 +42,6 @@ ILL_CASES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscribing a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _net(**kwargs) -> CSRNet:
     torch.manual_seed(0)
     return csr_tiny(**{**SMALL, **kwargs}).eval()

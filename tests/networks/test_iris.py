@@ -48,15 +48,6 @@ SHUFFLE_CASES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscribing a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _net(**kwargs) -> IRISNet:
     torch.manual_seed(0)
     return iris_small(**kwargs).eval()
