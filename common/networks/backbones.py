@@ -81,12 +81,12 @@ class _ViTPatchFeatures(nn.Module):
         return tokens.transpose(1, 2).reshape(n, self.hidden_dim, h, w)
 
 
-def _resnet(factory: Callable[..., nn.Module], in_channels: int) -> nn.Module:
+def _resnet(factory: Callable[..., nn.Module], in_channels: int, last_layer: int = 4) -> nn.Module:
     net = factory(weights=None)
     if in_channels != 3:
         net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
-    names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+    names = ("conv1", "bn1", "relu", "maxpool", *(f"layer{i}" for i in range(1, last_layer + 1)))
     # torchvision's child names are kept, so a resnet state dict loads without renaming
     return nn.Sequential(OrderedDict((name, getattr(net, name)) for name in names))
 
@@ -143,6 +143,8 @@ BACKBONES: dict[str, tuple[Callable[[int], nn.Module], int, str, Callable[[str],
     "densenet121": (_DenseNetFeatures, 1024, "features.conv0.weight", _densenet_key),
     "resnet50": (lambda c: _resnet(resnet50, c), 2048, "conv1.weight", _identity_key),
     "resnet18": (lambda c: _resnet(resnet18, c), 512, "conv1.weight", _identity_key),
+    # stops after layer3: output stride 16, so CPU-sized inputs keep usable similarity maps (12 x 12 at 192)
+    "resnet18_os16": (lambda c: _resnet(resnet18, c, last_layer=3), 256, "conv1.weight", _identity_key),
     "vit_b_16": (_ViTPatchFeatures, 768, "conv_proj.weight", _vit_key),
     "tiny": (_tiny, 32, "0.conv.weight", _identity_key),
 }
@@ -159,6 +161,7 @@ def build_backbone(
     densenet121   1024    MONAI ``DenseNet121.features`` + ReLU; ``h, w = H / 32, W / 32`` (sizes >= 32)
     resnet50      2048    torchvision ResNet-50 up to ``layer4``; ``h, w = ceil(H / 32), ceil(W / 32)``
     resnet18      512     torchvision ResNet-18 up to ``layer4``; ``h, w = ceil(H / 32), ceil(W / 32)``
+    resnet18_os16 256     torchvision ResNet-18 up to ``layer3``; ``h, w = ceil(H / 16), ceil(W / 16)``
     vit_b_16      768     torchvision ViT-B/16 patch tokens; ``H = W = 224`` only, ``h = w = 14``
     tiny          32      three conv-BN-ReLU stages (8-16-32), ``h, w = ceil(H / 8), ceil(W / 8)``
     ============  ======  ==============================================================================

@@ -19,6 +19,7 @@ TEST_CASES = [
     [csr_tiny, SMALL, (2, 1, 64, 64), (32, 8, 8)],
     [csr_tiny, {**SMALL, "in_channels": 3, "cam_pool": "max"}, (2, 3, 64, 48), (32, 8, 6)],
     [CSRNet, {**SMALL, "backbone": "resnet18", "proj_hidden": 32, "proj_dim": 16}, (2, 1, 64, 64), (512, 2, 2)],
+    [CSRNet, {**SMALL, "backbone": "resnet18_os16", "proj_hidden": 32, "proj_dim": 16}, (2, 1, 64, 64), (256, 4, 4)],
     [csr_densenet121, {**SMALL, "proj_hidden": 32, "proj_dim": 16}, (2, 1, 32, 32), (1024, 1, 1)],
     [csr_vit_b16, {**SMALL, "proj_hidden": 32, "proj_dim": 16}, (1, 1, 224, 224), (768, 14, 14)],
 ]
@@ -78,7 +79,7 @@ def test_explain_shapes(factory, kwargs, image_shape, fhw):
 def test_factories_pick_their_backbone():
     assert csr_resnet50(**SMALL).feature_channels == 2048
     assert {name: spec[1] for name, spec in BACKBONES.items()} == {
-        "densenet121": 1024, "resnet50": 2048, "resnet18": 512, "vit_b_16": 768, "tiny": 32
+        "densenet121": 1024, "resnet50": 2048, "resnet18": 512, "resnet18_os16": 256, "vit_b_16": 768, "tiny": 32
     }
 
 
