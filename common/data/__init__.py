@@ -1,5 +1,15 @@
 """Readers, synthetic generators, dataset converters, datalists and the episode sampler."""
 
+from .ct_rate import (
+    CT_RATE_WINDOW,
+    REGION_KEYWORDS,
+    assign_region,
+    convert_ct_rate,
+    convert_omniabnorm_cot,
+    region_texts,
+    report_text_batch,
+    split_sentences,
+)
 from .datalist import (
     IMAGE_SUFFIXES,
     ReferenceSet,
@@ -15,6 +25,13 @@ from .dicom import DicomReader, read_dicom
 from .episodes import EpisodeDataset
 from .mni152 import MNI152_CLASSES, MNI152_SOURCE, build_mni152_task, mni152_label_map
 from .robust import ERROR_KEY, SOURCE_KEY, ErrorTolerantDataset, root_cause
+from .synthetic_ct_reports import (
+    CT_REGIONS,
+    LESION_TYPES,
+    LesionType,
+    generate_ct_report_case,
+    generate_ct_report_dataset,
+)
 from .synthetic3d import (
     HELDOUT_CLASSES,
     SHAPES,

@@ -1,4 +1,5 @@
 """Losses."""
 
+from .contrastive import MultiLevelContrastiveLoss, SymmetricInfoNCE
 from .ignore_channels import IgnoreChannelsLoss
 from .prototype_contrastive import PrototypeContrastiveLoss
