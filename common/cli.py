@@ -95,8 +95,9 @@ class CLI:
         repeats, train, amp, threads.
         """
         from common.benchmark import benchmark_csr, benchmark_iris
+        from common.benchmark_yolo import benchmark_yolo
 
-        runners = {"iris": benchmark_iris, "csr": benchmark_csr}
+        runners = {"iris": benchmark_iris, "csr": benchmark_csr, "yolo": benchmark_yolo}
         if model not in runners:
             raise SystemExit(f"unknown model '{model}'; choose from {sorted(runners)}")
         result = runners[model](**kwargs)

@@ -64,3 +64,4 @@ from .vindr import (
     convert_vindr_detection,
     fuse_boxes_wbf,
 )
+from .yolo_dataset import write_yolo_data_yaml, write_yolo_split

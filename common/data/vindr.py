@@ -38,6 +38,7 @@ __all__ = [
     "convert_vindr_classification",
     "convert_vindr_detection",
     "fuse_boxes_wbf",
+    "yolo_lines",
 ]
 
 PathLike = str | os.PathLike
@@ -376,7 +377,7 @@ def _parse_box(row: dict[str, str], columns: dict[str, str]) -> tuple[list[float
     return coords, None
 
 
-def _yolo_lines(boxes: list[list], size: tuple[int, int]) -> str:
+def yolo_lines(boxes: list[list], size: tuple[int, int]) -> str:
     height, width = size
     lines = []
     for class_index, x0, y0, x1, y1 in boxes:
@@ -509,7 +510,7 @@ def convert_vindr_detection(
         if yolo_labels:
             label_file = out_dir / "labels" / f"{image_id}.txt"
             label_file.parent.mkdir(parents=True, exist_ok=True)
-            label_file.write_text(_yolo_lines(entry_boxes, size))
+            label_file.write_text(yolo_lines(entry_boxes, size))
             items[image_id]["label"] = f"labels/{image_id}.txt"
 
     validation = _split_ids(list(items), val_fraction, split_seed)

@@ -9,8 +9,18 @@ from .concepts import (
     concept_similarity,
     csr_network,
 )
+from .detection import (
+    Letterbox,
+    YOLODetectionInferer,
+    boxes_to_original,
+    letterbox,
+    letterbox_geometry,
+    non_max_suppression,
+)
+from .detection_metrics import detection_map, map_markdown, write_map_report
 from .episodes import prepare_episode_batch
 from .evaluation import evaluate_strategies, per_class_dice_table
 from .evaluator import InContextEvaluator, labels_to_class_channels
 from .prompt import STRATEGIES, InContextPrompt, unwrap
 from .robust import RobustEvaluator
+from .yolo import UltralyticsTrainer, ultralytics_device

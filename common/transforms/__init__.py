@@ -1,6 +1,8 @@
 """MONAI dictionary transforms."""
 
+from .clahe import CLAHEd
 from .concepts import LoadConceptMasksd
+from .detection import DetectionBoxesd, SaveDetectionsd, detections_report
 from .explanations import SaveConceptExplanationd
 from .intensity import CT_WINDOWS, NormalizeIntensityd
 from .io import LoadMedicalImaged

@@ -1,0 +1,222 @@
+"""Training of the YOLO lesion detector by ultralytics, driven from a bundle config."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from common.data.yolo_dataset import write_yolo_data_yaml, write_yolo_split
+from common.yolo_env import import_ultralytics, keep_process_state
+
+__all__ = ["UltralyticsTrainer", "ultralytics_device"]
+
+logger = logging.getLogger(__name__)
+
+
+def ultralytics_device(device: torch.device | str | int | Sequence[int | str]) -> str:
+    """ultralytics' device string: ``"cpu"``, ``"0"`` or ``"0,1"`` (several GPUs: ultralytics starts DDP itself).
+
+    Example:
+        >>> ultralytics_device(torch.device("cuda:1")), ultralytics_device([0, 1]), ultralytics_device("cpu")
+        ('1', '0,1', 'cpu')
+    """
+    if isinstance(device, (list, tuple)):
+        if not device:
+            raise ValueError("device should name at least one GPU, got an empty list.")
+        return ",".join(ultralytics_device(d) for d in device)
+    if isinstance(device, int) and not isinstance(device, bool):
+        return str(device)
+    device = torch.device(device) if not (isinstance(device, str) and device.replace(",", "").isdigit()) else device
+    if isinstance(device, str):
+        return device
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda":
+        return str(device.index or 0)
+    raise ValueError(f"device should be cpu, a CUDA device or a list of GPU indices, got {device}.")
+
+
+class UltralyticsTrainer:
+    """Train a YOLO detector with ultralytics' trainer from MONAI datasets, and put the weights in ``ckpt_dir``.
+
+    ``run()``:
+        1. writes the training and validation items (preprocessed by the config: loaded through the shared reader,
+           intensity-scaled, optionally CLAHE-equalised) as an ultralytics data set under ``output_dir/dataset``
+           (``common.data.write_yolo_split``; failed items are listed in ``dataset/report.json``);
+        2. trains ultralytics' ``DetectionTrainer``, which owns the YOLO loss and assigner, mosaic, mixup, warmup and
+           the EMA of the weights, and validates each epoch; its run folder is ``output_dir/<run_name>``
+           (``results.csv``, ``weights/best.pt`` and ``last.pt``), TensorBoard scalars go to ``output_dir``;
+        3. writes ``ckpt_dir/model.pt``, the best weights as a ``common.networks.YOLODetector`` state dict in half
+           precision (what the bundle's inference loads), and ``ckpt_dir/model_ultralytics.pt``, ultralytics' own
+           checkpoint of them.
+
+    Nothing is downloaded: the model comes from a YAML (random initialisation) or a local ``.pt``; AMP on CUDA uses
+    bfloat16, because ultralytics' float16 path first runs ``check_amp``, which downloads ``yolo26n.pt``; ultralytics'
+    integrations (MLflow, Comet, Platform...) are removed. Several GPUs in ``device`` make ultralytics launch DDP
+    workers itself (``torch.distributed.run``): start the bundle with plain ``python``, not ``torchrun``.
+
+    Args:
+        train_dataset, val_dataset: MONAI datasets of ``{"image": (1, W, H) in [0, 1], "boxes": [[class, x0, y0,
+            x1, y1], ...]}``; ``val_dataset`` None or empty validates on the training images.
+        class_names: lesion classes, in class-index order.
+        output_dir: folder of the exported data set, the ultralytics run and TensorBoard logs.
+        ckpt_dir: folder of ``model.pt`` and ``model_ultralytics.pt``.
+        model: ultralytics model YAML (``"yolov5n.yaml"``...) or a local ``.pt`` to start from. Default
+            ``"yolov5s.yaml"``.
+        max_epochs, image_size, batch_size: training epochs, square training size, images per step.
+        nominal_batch_size: gradients are accumulated to about this many images per optimizer step (ultralytics'
+            ``nbs``); set it to ``batch_size`` for one step per batch on small data. Default 64.
+        optimizer, learning_rate, weight_decay, warmup_epochs: ultralytics' ``optimizer``, ``lr0``,
+            ``weight_decay``, ``warmup_epochs``. Defaults ``"AdamW"``, 0.001, 0.0005, 3.0.
+        mosaic, close_mosaic, mixup, fliplr, scale, translate, degrees: augmentation as in ultralytics. Defaults 1.0,
+            10, 0.0, 0.5, 0.5, 0.1, 0.0.
+        ema: keep ultralytics' exponential moving average of the weights. Default True.
+        device: ``torch.device``, ``"cpu"``, a GPU index, or a list of GPU indices (DDP). Default ``"cpu"``.
+        num_workers: data loading workers (ultralytics uses 0 on CPU). Default 0.
+        seed: random seed. Default 0.
+        amp: bfloat16 autocast on CUDA (ignored on CPU). Default False.
+        patience: early stopping after this many epochs without improvement. Default 100.
+        validate_every_epoch: validate each epoch (the last one always is). Default True.
+        resume: continue ``output_dir/<run_name>/weights/last.pt``. Default False.
+        tensorboard: log scalars to TensorBoard in ``output_dir``. Default True.
+        run_name: the ultralytics run folder's name. Default ``"ultralytics"``.
+    """
+
+    def __init__(
+        self,
+        train_dataset: Sequence,
+        val_dataset: Sequence | None,
+        class_names: Sequence[str],
+        output_dir: str | os.PathLike,
+        ckpt_dir: str | os.PathLike,
+        model: str = "yolov5s.yaml",
+        max_epochs: int = 100,
+        image_size: int = 256,
+        batch_size: int = 16,
+        nominal_batch_size: int = 64,
+        optimizer: str = "AdamW",
+        learning_rate: float = 0.001,
+        weight_decay: float = 0.0005,
+        warmup_epochs: float = 3.0,
+        mosaic: float = 1.0,
+        close_mosaic: int = 10,
+        mixup: float = 0.0,
+        fliplr: float = 0.5,
+        scale: float = 0.5,
+        translate: float = 0.1,
+        degrees: float = 0.0,
+        ema: bool = True,
+        device: torch.device | str | int | Sequence[int] = "cpu",
+        num_workers: int = 0,
+        seed: int = 0,
+        amp: bool = False,
+        patience: int = 100,
+        validate_every_epoch: bool = True,
+        resume: bool = False,
+        tensorboard: bool = True,
+        run_name: str = "ultralytics",
+    ) -> None:
+        if max_epochs < 1 or batch_size < 1 or nominal_batch_size < 1:
+            raise ValueError(f"max_epochs, batch_size and nominal_batch_size should be positive, got {max_epochs}, "
+                             f"{batch_size} and {nominal_batch_size}.")
+        if image_size < 32 or image_size % 32:
+            raise ValueError(f"image_size should be a positive multiple of 32, got {image_size}.")
+        if not class_names:
+            raise ValueError("class_names should name at least one class.")
+        self.train_dataset, self.val_dataset = train_dataset, val_dataset
+        self.class_names = [str(c) for c in class_names]
+        self.output_dir, self.ckpt_dir = Path(output_dir), Path(ckpt_dir)
+        self.model, self.max_epochs, self.image_size = str(model), int(max_epochs), int(image_size)
+        self.device = ultralytics_device(device)
+        self.num_workers, self.ema, self.resume = int(num_workers), bool(ema), bool(resume)
+        self.tensorboard, self.run_name = bool(tensorboard), run_name
+        self.amp = "bf16" if amp and self.device != "cpu" else False
+        self.ultralytics_args = {  # typed above; ultralytics' names from here on
+            "epochs": self.max_epochs, "imgsz": self.image_size, "batch": int(batch_size),
+            "nbs": int(nominal_batch_size),
+            "optimizer": optimizer, "lr0": float(learning_rate), "weight_decay": float(weight_decay),
+            "warmup_epochs": float(warmup_epochs), "mosaic": float(mosaic), "close_mosaic": int(close_mosaic),
+            "mixup": float(mixup), "fliplr": float(fliplr), "scale": float(scale), "translate": float(translate),
+            "degrees": float(degrees), "seed": int(seed), "patience": int(patience), "val": bool(validate_every_epoch),
+        }
+        self.metrics: dict = {}
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir / self.run_name
+
+    def export_dataset(self) -> Path:
+        """Step 1 of :meth:`run`: write the ultralytics data set; returns its ``data.yaml``."""
+        root = self.output_dir / "dataset"
+        shutil.rmtree(root, ignore_errors=True)  # stale images or label caches must not mix in
+        reports = {}
+        sources = {"train": self.train_dataset, "val": self.val_dataset}
+        for split, dataset in sources.items():
+            if dataset is None or len(dataset) == 0:
+                continue
+            loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.num_workers)
+            reports[split] = write_yolo_split(loader, root, split, max_side=self.image_size)
+        if not reports.get("train", {}).get("images"):
+            raise ValueError("no training image could be read; see the errors above.")
+        has_val = bool(reports.get("val", {}).get("images"))
+        if not has_val:
+            logger.warning("no validation image: validating on the training images.")
+        splits = {"train": "images/train", "val": "images/val" if has_val else "images/train"}
+        (root / "report.json").write_text(json.dumps(reports, indent=4))
+        return write_yolo_data_yaml(root, self.class_names, splits, channels=1)
+
+    def _overrides(self, data_yaml: Path) -> dict:
+        overrides = {
+            **self.ultralytics_args, "model": self.model, "data": str(data_yaml), "task": "detect", "mode": "train",
+            "device": self.device, "workers": self.num_workers, "amp": self.amp, "plots": False, "pretrained": False,
+            "project": str(self.output_dir.resolve()), "name": self.run_name, "exist_ok": True, "verbose": True,
+        }
+        last = self.run_dir / "weights" / "last.pt"
+        if self.resume and last.is_file():
+            overrides["resume"] = str(last)
+        elif self.resume:
+            logger.warning("resume requested but %s does not exist; training from the start.", last)
+        return overrides
+
+    def run(self) -> dict:
+        """Export, train, and copy the best weights to ``ckpt_dir``; returns ultralytics' final metrics."""
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("LOCAL_RANK") is not None:
+            raise RuntimeError("UltralyticsTrainer is running under torchrun; start it with plain python and list "
+                               "the GPUs in 'device': ultralytics launches its own DDP workers.")
+        import_ultralytics(config_dir=self.output_dir / "ultralytics_settings")
+        from common.engines.ultralytics_trainer import (
+            BundleDetectionTrainer, close_tensorboard, disable_ema, log_tensorboard)
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        data_yaml = self.export_dataset()
+        with keep_process_state():  # ultralytics lowers torch's threads on CPU and toggles determinism
+            trainer = BundleDetectionTrainer(overrides=self._overrides(data_yaml))
+            if not self.ema:
+                trainer.add_callback("on_pretrain_routine_end", disable_ema)
+            if self.tensorboard:
+                trainer.add_callback("on_fit_epoch_end", log_tensorboard)
+                trainer.add_callback("teardown", close_tensorboard)
+            trainer.train()
+        self.metrics = {k: float(v) for k, v in (trainer.metrics or {}).items()}
+        self._save_weights(Path(trainer.save_dir) / "weights")
+        return self.metrics
+
+    def _save_weights(self, weights_dir: Path) -> None:
+        from common.networks.yolo import load_yolo_state_dict
+
+        best = next((p for p in (weights_dir / "best.pt", weights_dir / "last.pt") if p.is_file()), None)
+        if best is None:
+            raise FileNotFoundError(f"training wrote no checkpoint in {weights_dir}.")
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        # half precision, as ultralytics stores its checkpoints: loading casts to the network's float32
+        state = {k: v.half() if v.is_floating_point() else v for k, v in load_yolo_state_dict(best).items()}
+        torch.save(state, self.ckpt_dir / "model.pt")
+        shutil.copyfile(best, self.ckpt_dir / "model_ultralytics.pt")
+        logger.info("weights of %s saved as %s (and model_ultralytics.pt)", best, self.ckpt_dir / "model.pt")
