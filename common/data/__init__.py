@@ -10,6 +10,7 @@ from .ct_rate import (
     report_text_batch,
     split_sentences,
 )
+from .collate import REPORT_LIST_KEYS, collate_reports
 from .datalist import (
     IMAGE_SUFFIXES,
     ReferenceSet,
@@ -20,6 +21,7 @@ from .datalist import (
     references_from_datalist,
     select_references,
     write_references,
+    write_volume_list,
 )
 from .dicom import DicomReader, read_dicom
 from .episodes import EpisodeDataset

@@ -23,12 +23,13 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "write_references",
     "select_references",
+    "write_volume_list",
 ]
 
 logger = logging.getLogger(__name__)
 
 # item keys holding a path, and keys holding a {name: path} mapping, resolved against the datalist's folder
-PATH_KEYS = ("image", "label", "roi")
+PATH_KEYS = ("image", "label", "roi", "mask")
 PATH_MAP_KEYS = ("concept_masks",)
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
@@ -267,3 +268,26 @@ def select_references(
         raise ValueError("either references_file or datalists should be given.")
     items = load_datalists(datalists, "training", drop_heldout=not include_heldout)
     return references_from_datalist(items, classes, num_references, seed)
+
+
+def write_volume_list(
+    datalist: str | os.PathLike, out: str | os.PathLike, keys: Sequence[str] = ("image", "mask")
+) -> Path:
+    """Write the items of every split of ``datalist`` as one query list ``{"test": [...]}`` for inference.
+
+    Each item keeps only ``keys`` (those it has); paths stay relative, now to ``out``'s folder. Splits are read in
+    file order: every list of items (dicts with an ``image``) in the datalist.
+    """
+    datalist, out = Path(datalist), Path(out)
+    data = _read_json(datalist)
+    items = []
+    for value in data.values():
+        entries = value if isinstance(value, list) else []
+        for entry in entries:
+            if not isinstance(entry, Mapping) or "image" not in entry:
+                continue
+            items.append({k: os.path.relpath(_resolve(datalist.parent, entry[k]), out.parent.resolve())
+                          for k in keys if isinstance(entry.get(k), str)})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"test": items}, indent=4) + "\n")
+    return out

@@ -9,6 +9,14 @@ from .concepts import (
     concept_similarity,
     csr_network,
 )
+from .contrastive import (
+    ContrastiveTrainer,
+    EncodingInferer,
+    ImageTextModel,
+    PrepareVolumeBatch,
+    TrainableState,
+    embed_texts,
+)
 from .detection import (
     Letterbox,
     YOLODetectionInferer,
@@ -22,5 +30,6 @@ from .episodes import prepare_episode_batch
 from .evaluation import evaluate_strategies, per_class_dice_table
 from .evaluator import InContextEvaluator, labels_to_class_channels
 from .prompt import STRATEGIES, InContextPrompt, unwrap
+from .retrieval import RetrievalEvaluator, evaluate_retrieval
 from .robust import RobustEvaluator
 from .yolo import UltralyticsTrainer, ultralytics_device

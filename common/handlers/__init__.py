@@ -4,5 +4,6 @@ from .case_report import CaseReportWriter
 from .checkpoint import ResumableCheckpoint, latest_checkpoint
 from .concepts import ConceptIntervention, PrototypeKMeansInit
 from .detection_map import DetectionMAP
+from .embedding_index import EmbeddingIndexWriter
 from .gradient_clipping import GradientClipping
 from .memory_bank import MemoryBankUpdater

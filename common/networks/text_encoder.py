@@ -153,6 +153,13 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``(B, T)`` token ids and mask -> ``(B, out_dim)``; a text with no token besides special ones raises."""
+        return self.projection(self.pooled(input_ids, attention_mask))
+
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``(B, T)`` token ids and mask -> ``(B, hidden_size)`` mean-pooled backbone states, before the projection.
+
+        With ``freeze="all"`` these do not change during training, so callers may cache them per text.
+        """
         if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
             raise ValueError(
                 f"input_ids and attention_mask should share a (B, T) shape, got {list(input_ids.shape)} and "
@@ -165,8 +172,7 @@ class TextEncoder(nn.Module):
             raise ValueError(f"input_ids should hold text in every row, got empty rows {empty}.")
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-        return self.projection(pooled)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
     def embed(self, texts: Sequence[str], max_length: int | None = None) -> torch.Tensor:
         """Tokenize on the module's device and encode: ``B`` texts -> ``(B, out_dim)``."""

@@ -3,9 +3,10 @@
 from .clahe import CLAHEd
 from .concepts import LoadConceptMasksd
 from .detection import DetectionBoxesd, SaveDetectionsd, detections_report
+from .embeddings import EMBEDDING_OUTPUTS, SaveEmbeddingsd
 from .explanations import SaveConceptExplanationd
 from .intensity import CT_WINDOWS, NormalizeIntensityd
 from .io import LoadMedicalImaged
 from .labels import ProbabilitiesToLabelMapd, class_values
 from .outputs import CheckOutputsd, SaveOrthogonalPreviewd, SaveSegmentationSummaryd, output_path
-from .validation import CheckSameGridd, ValidateImaged, source_name
+from .validation import CheckSameGridd, ValidateImaged, ValidateRegionMaskd, ValidateReportd, source_name

@@ -1,0 +1,10 @@
+"""Metrics: plain functions over tensors and the ignite metrics built on them."""
+
+from .retrieval import (
+    RetrievalMetric,
+    cross_modal_recall,
+    recall_at_k,
+    region_alignment_accuracy,
+    retrieval_metrics,
+    retrieval_table,
+)
