@@ -58,6 +58,31 @@ class CLI:
         )
         print(f"datalist: {path}")
 
+    def synth_ct_reports(
+        self, out: str, num_cases: int = 64, shape: tuple = (32, 64, 64), seed: int = 0,
+        split: tuple = (0.7, 0.15, 0.15), overwrite: bool = False,
+    ):
+        """Write synthetic CT volumes (D, H, W voxels), region masks, reports with reasoning steps and
+        ``datalist.json`` to ``out`` (the CT report encoder's training and sample data)."""
+        from common.data import generate_ct_report_dataset
+
+        path = generate_ct_report_dataset(
+            out, num_cases=num_cases, shape=tuple(shape), seed=seed, split=tuple(split), overwrite=overwrite
+        )
+        print(f"datalist: {path}")
+
+    def ct_report_sample(self, out: str, num_cases: int = 8, seed: int = 20261123, overwrite: bool = False):
+        """Build the CT report encoder's embedded sample: synthetic cases at the bundle's 32x64x64 grid, a datalist
+        (training/validation/test) and ``volumes.json`` listing every case with its mask (the default inference
+        input)."""
+        from common.data import generate_ct_report_dataset, write_volume_list
+
+        datalist = generate_ct_report_dataset(
+            out, num_cases=num_cases, shape=(32, 64, 64), seed=seed, split=(0.5, 0.25, 0.25), overwrite=overwrite
+        )
+        volumes = write_volume_list(datalist, Path(out) / "volumes.json")
+        print(f"datalist: {datalist}\nvolumes: {volumes}")
+
     def demo(self, out: str = "demo_outputs", bundles: str | list | None = None):
         """Run every bundle's inference on its embedded sample; outputs and PNG previews go to ``out/<bundle>``."""
         names = sorted(p.name for p in BUNDLES_DIR.iterdir() if (p / "configs" / "inference.json").is_file())
@@ -93,11 +118,15 @@ class CLI:
         train (time a training step), amp (bf16 autocast), threads.
         CSR options: backbone (tiny|resnet18|resnet50|densenet121|vit_b_16), image_size, batch_size, device,
         repeats, train, amp, threads.
+        CT options (tokens/s and peak memory of CT-ViT): size (tiny|small|base, comma-separated for several),
+        device (cpu|cuda, comma-separated), image_size, patch_size, batch_size, repeats, train, amp,
+        attention_impl, threads.
         """
         from common.benchmark import benchmark_csr, benchmark_iris
+        from common.benchmark_ct import benchmark_ct
         from common.benchmark_yolo import benchmark_yolo
 
-        runners = {"iris": benchmark_iris, "csr": benchmark_csr, "yolo": benchmark_yolo}
+        runners = {"iris": benchmark_iris, "csr": benchmark_csr, "yolo": benchmark_yolo, "ct": benchmark_ct}
         if model not in runners:
             raise SystemExit(f"unknown model '{model}'; choose from {sorted(runners)}")
         result = runners[model](**kwargs)
