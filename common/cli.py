@@ -111,6 +111,21 @@ class CLI:
             raise SystemExit(f"demo failed for: {', '.join(failed)}")
         print(f"demo outputs in {Path(out).resolve()}")
 
+    def package(self, bundle: str, out: str = "dist", overwrite: bool = False, weights_url: str = ""):
+        """Package ``bundles/<name>`` as ``<out>/<name>.zip``, a MONAI bundle with the ``common`` code it needs inside,
+        for ``python -m monai.bundle download --name <name> --url <url of the zip>`` in any MONAI app."""
+        from common.bundle.package import package_bundle
+
+        if isinstance(overwrite, str):  # fire passes "true"/"false" through as strings
+            if overwrite.lower() not in ("true", "false"):
+                raise SystemExit(f"--overwrite should be true or false, got '{overwrite}'.")
+            overwrite = overwrite.lower() == "true"
+        try:
+            path = package_bundle(bundle, out, overwrite=overwrite, weights_url=weights_url)
+        except (FileNotFoundError, FileExistsError, ValueError) as e:
+            raise SystemExit(f"package failed: {e}") from e
+        print(f"bundle: {path}")
+
     def benchmark(self, model: str = "iris", **kwargs):
         """Print speed and memory of a network, e.g. ``benchmark iris --device cpu --size small --image_size 64``.
 
