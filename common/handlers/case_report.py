@@ -16,7 +16,8 @@ class CaseReportWriter:
     """Write which cases of a run completed and which failed (with the reason) to a JSON file.
 
     Reads ``state.case_sources`` and ``state.case_failures`` kept by ``InContextEvaluator`` and logs a summary;
-    a run with failures still writes every completed case's outputs.
+    a run with failures still writes every completed case's outputs, and a run that stops with an exception
+    still writes the report before the exception propagates.
 
     Args:
         output_dir: folder of the report.
@@ -28,6 +29,13 @@ class CaseReportWriter:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._on_exception)
+
+    def _on_exception(self, engine: Engine, error: Exception) -> None:
+        # a run that stops (e.g. every case failed) still tells the user which cases failed and why;
+        # ignite re-raises only when no handler is attached, so re-raise here
+        self(engine)
+        raise error
 
     def __call__(self, engine: Engine) -> None:
         done = list(getattr(engine.state, "case_sources", []))

@@ -112,7 +112,9 @@ def test_inference_never_overwrites_outputs(trained, tmp_path):
     bundle_run(*args)
     seg = sorted(tmp_path.glob("*_seg.nii.gz"))[0]
     seg.write_bytes(b"user data")
-    bundle_run(*args)
+    # every case is refused, so the run as a whole fails, naming the files it would not replace
+    proc = bundle_run(*args, check=False)
+    assert proc.returncode != 0 and "outputs already exist" in proc.stdout + proc.stderr
     assert seg.read_bytes() == b"user data"
     report = json.loads((tmp_path / "run_report.json").read_text())
     assert len(report["failed"]) == 2 and all("overwrite" in f["error"] for f in report["failed"])

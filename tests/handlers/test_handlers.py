@@ -274,3 +274,18 @@ def test_case_report_writer_on_a_plain_engine(tmp_path):
     CaseReportWriter(tmp_path).attach(engine)
     engine.run([0])
     assert json.loads((tmp_path / "run_report.json").read_text()) == {"completed": [], "failed": [], "classes": []}
+
+
+def test_case_report_writer_reports_a_run_that_stops(tmp_path):
+    """When every case fails the run raises, and the report still names each failure."""
+    failure = {"source": "/d/a.nii.gz", "error": "/d/a.nii.gz: outputs already exist"}
+
+    def step(engine, batch):
+        engine.state.case_failures = [failure]
+        raise RuntimeError("all 1 case(s) failed")
+
+    engine = Engine(step)
+    CaseReportWriter(tmp_path).attach(engine)
+    with pytest.raises(RuntimeError, match="all 1 case"):
+        engine.run([0])
+    assert json.loads((tmp_path / "run_report.json").read_text())["failed"] == [failure]
