@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from monai.bundle import ConfigParser, download
+from monai.bundle import ConfigParser
 
 from common.bundle.package import package_bundle
 from common.bundle.validate import find_bundles, validate_metadata
@@ -168,8 +168,11 @@ def test_packaged_bundle_runs_without_this_repository(source, launcher, tmp_path
     assert f"{name}/scripts/common/__init__.py" in names and f"{name}/large_files.yml" in names
 
     installed = tmp_path / "installed"
-    # the function behind ``python -m monai.bundle download``, called here to spare a process start
-    download(name=name, url=zip_path.as_uri(), bundle_dir=str(installed), progress=False)
+    # installed as another app would, by MONAI's own command, already without this repository's common
+    _ok(_isolated(
+        launcher, "-m", "monai.bundle", "download", "--name", name, "--url", zip_path.as_uri(),
+        "--bundle_dir", str(installed), "--progress", "False", cwd=tmp_path,
+    ), f"monai.bundle download of {name}")
     root = installed / name
     meta = json.loads((root / "configs" / "metadata.json").read_text())
     validate_metadata(meta)
