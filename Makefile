@@ -7,7 +7,7 @@ DEMO_OUT ?= demo_outputs
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench clean monailabel-env
 
 # torch first (a local CPU/CUDA wheel pair), then the package, so nothing pulls another torch.
 $(STAMP): setup.cfg pyproject.toml
@@ -34,6 +34,22 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m common.cli benchmark iris --device cpu
+
+# MONAI Label 0.8.5 pins older pydicom, numpy, dicomweb-client and pynetdicom, so it gets its own environment with
+# the same torch and this collection installed into it (monailabel_app/README.md).
+ML_VENV := .venv-monailabel
+ML_PY := $(ML_VENV)/bin/python
+ML_STAMP := $(ML_VENV)/.installed
+
+$(ML_STAMP): setup.cfg pyproject.toml monailabel_app/constraints.txt monailabel_app/requirements.txt
+	test -x $(ML_PY) || $(PYTHON) -m venv $(ML_VENV)
+	$(ML_PY) -m pip install -q --upgrade pip
+	$(ML_PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(ML_PY) -m pip install -q -c monailabel_app/constraints.txt -r monailabel_app/requirements.txt -e ".[dev]"
+	$(ML_PY) -m pip install -q --no-deps monailabel==0.8.5 pydicom-seg==0.4.1
+	touch $(ML_STAMP)
+
+monailabel-env: $(ML_STAMP)
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache
