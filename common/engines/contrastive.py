@@ -14,6 +14,7 @@ from torch import nn
 
 from common.data.ct_rate import report_text_batch
 from common.engines.prompt import unwrap
+from common.engines.steps import optimisation_step
 
 __all__ = [
     "ContrastiveTrainer",
@@ -220,19 +221,5 @@ class ContrastiveTrainer(SupervisedTrainer):
             engine.state.output.update({f"loss_{k}": v.detach() for k, v in levels.items() if k != "total"})
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
 
-        engine.network.train()
-        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        if engine.amp and engine.scaler is not None:
-            with torch.autocast("cuda", **engine.amp_kwargs):
-                _compute()
-            engine.scaler.scale(engine.state.output[Keys.LOSS]).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            _compute()
-            engine.state.output[Keys.LOSS].backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.optimizer.step()
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        optimisation_step(engine, _compute)
         return engine.state.output
