@@ -12,7 +12,10 @@ from monai.data import PydicomReader
 from monai.utils import MetaKeys, ensure_tuple
 from pydicom.errors import InvalidDicomError
 from pydicom.misc import is_dicom
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+try:
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+except ImportError:  # pydicom 2.x, which MONAI Label's environment keeps
+    from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
 
 __all__ = ["DicomReader", "read_dicom"]
 
