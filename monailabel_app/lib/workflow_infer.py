@@ -1,0 +1,120 @@
+"""Run a bundle's own ``inference.json`` on one MONAI Label study.
+
+MONAI Label's ``BundleInferTask`` rebuilds a bundle as pre-transforms, an inferer and post-transforms around the
+network. Our bundles need more than that (IRIS's in-context prompt, CSR's concept CAMs, the CT encoder's embeddings,
+the YOLO detector's box decoding), so this task runs the bundle's workflow as ``monai.bundle run`` does, with the
+study as its only query and a fresh output folder, and returns what the workflow wrote.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import numpy
+from monai.bundle import ConfigWorkflow
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+__all__ = ["BundleWorkflowInferTask"]
+
+logger = logging.getLogger(__name__)
+
+
+class BundleWorkflowInferTask(InferTask):
+    """One bundle's ``configs/inference.json`` as a MONAI Label infer task.
+
+    Args:
+        path: bundle root (``configs/``, ``models/``).
+        type: MONAI Label task type shown by ``/info/``.
+        labels: label names shown by ``/info/``.
+        dimension: 2 or 3.
+        query_id: config id that takes the list of input images (``queries`` or ``images``).
+        result: ``(postfix, suffix)`` of the output file returned to the client, e.g. ``("seg", ".nii.gz")``.
+        result_json: ``(postfix, suffix)`` of a JSON output whose content is returned as the result's params.
+        request_ids: config ids a request may override through its ``params`` (e.g. IRIS's ``strategy``).
+        is_label: whether the returned file is a label map MONAI Label may save to its datastore.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        type: str | InferType,
+        labels: Sequence[str] | dict | None,
+        dimension: int,
+        query_id: str = "queries",
+        result: tuple[str, str] | None = None,
+        result_json: tuple[str, str] | None = None,
+        request_ids: Sequence[str] = (),
+        is_label: bool = False,
+    ):
+        with open(os.path.join(path, "configs", "metadata.json")) as f:
+            metadata = json.load(f)
+        super().__init__(
+            type=type,
+            labels=labels,
+            dimension=dimension,
+            description=metadata.get("description", metadata.get("task", "")),
+            config={k: "" for k in request_ids},
+        )
+        self.path = os.path.abspath(path)
+        self.query_id = query_id
+        self.result = result
+        self.result_json = result_json
+        self.request_ids = tuple(request_ids)
+        self.is_label = is_label
+
+    def is_valid(self) -> bool:
+        return os.path.exists(os.path.join(self.path, "configs", "inference.json")) and os.path.exists(
+            os.path.join(self.path, "models", "model.pt")
+        )
+
+    def get_path(self, validate=True):
+        return os.path.join(self.path, "models", "model.pt")
+
+    def _overrides(self, request: dict[str, Any], output_dir: str) -> dict[str, Any]:
+        overrides: dict[str, Any] = {self.query_id: [request["image"]], "output_dir": output_dir, "overwrite": True}
+        device = request.get("device")
+        if device:
+            overrides["device"] = f"$torch.device('{device}')"
+        params = {**request, **(request.get("params") or {})}
+        overrides.update({k: params[k] for k in self.request_ids if params.get(k) not in (None, "")})
+        return overrides
+
+    def _find(self, output_dir: str, postfix_suffix: tuple[str, str] | None) -> str | None:
+        if postfix_suffix is None:
+            return None
+        postfix, suffix = postfix_suffix
+        found = sorted(glob.glob(os.path.join(output_dir, "**", f"*_{postfix}{suffix}"), recursive=True))
+        return found[0] if found else None
+
+    def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict]:
+        output_dir = tempfile.mkdtemp(prefix="monailabel_infer_")
+        workflow = ConfigWorkflow(
+            config_file=os.path.join(self.path, "configs", "inference.json"),
+            meta_file=os.path.join(self.path, "configs", "metadata.json"),
+            workflow_type="infer",
+            bundle_root=self.path,
+            **self._overrides(request, output_dir),
+        )
+        workflow.initialize()
+        workflow.run()
+        workflow.finalize()
+        if not self.is_label:
+            request["save_label"] = False  # a heatmap or preview is no label map for the datastore
+        result_file = self._find(output_dir, self.result)
+        params: dict[str, Any] = {"output_dir": output_dir}
+        json_file = self._find(output_dir, self.result_json)
+        if json_file:
+            with open(json_file) as f:
+                params["result"] = json.load(f)
+        if result_file and result_file.endswith(".npy"):  # an embedding: MONAI Label has no task type for it
+            params["embedding"] = numpy.load(result_file).tolist()
+        written = glob.glob(f"{output_dir}/**/*.*", recursive=True)
+        params["files"] = sorted(os.path.relpath(p, output_dir) for p in written)
+        logger.info("%s -> %s", request["image"], result_file)
+        return result_file, params

@@ -1,0 +1,96 @@
+"""MONAI Label app serving this collection's bundles offline (structure of MONAI Label's ``monaibundle`` sample app).
+
+The bundles are linked under ``model/``; ``zoo_source`` is fixed to ``local`` so MONAI Label never downloads a
+bundle, and SAM2 is not registered. Start it with ``make monailabel-start STUDIES=<folder>`` (README.md here).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import monailabel
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+from monailabel.utils.others.generic import get_bundle_models
+
+from lib.workflow_infer import BundleWorkflowInferTask
+
+logger = logging.getLogger(__name__)
+
+BUNDLES = ("iris_incontext_segmentation", "csr_cxr_classification", "ct_report_encoder", "yolo_cxr_detection")
+
+
+def _metadata(path: str) -> dict:
+    with open(os.path.join(path, "configs", "metadata.json")) as f:
+        return json.load(f)
+
+
+def _channel_names(path: str, prefix: str = "") -> list[str]:
+    """Output channel names from ``metadata.json``'s ``network_data_format`` (``"score: nodule"`` -> ``nodule``)."""
+    channel_def = _metadata(path)["network_data_format"]["outputs"]["pred"]["channel_def"]
+    names = [channel_def[k] for k in sorted(channel_def, key=int)]
+    return [n[len(prefix):] for n in names if n.startswith(prefix)] if prefix else names
+
+
+def _reference_classes(path: str) -> dict[str, int]:
+    """IRIS segments the classes its reference examples name; the default ones are the embedded sample's."""
+    with open(os.path.join(path, "sample", "references.json")) as f:
+        return json.load(f)["classes"]
+
+
+def build_infer_task(name: str, path: str) -> InferTask:
+    if name == "iris_incontext_segmentation":
+        return BundleWorkflowInferTask(
+            path, InferType.SEGMENTATION, _reference_classes(path), 3, result=("seg", ".nii.gz"),
+            result_json=("summary", ".json"), request_ids=("strategy", "classes", "references_file"), is_label=True,
+        )
+    if name == "csr_cxr_classification":
+        return BundleWorkflowInferTask(
+            path, InferType.CLASSIFICATION, _channel_names(path), 2, result=("explanation", ".png"),
+            result_json=("explanation", ".json"),
+        )
+    if name == "ct_report_encoder":
+        return BundleWorkflowInferTask(path, InferType.OTHERS, [], 3, query_id="images", result=("global", ".npy"))
+    if name == "yolo_cxr_detection":
+        return BundleWorkflowInferTask(
+            path, InferType.DETECTION, _channel_names(path, prefix="score: "), 2, result=("detections", ".png"),
+            result_json=("detections", ".json"),
+        )
+    raise ValueError(f"bundle should be one of {BUNDLES}, got {name}.")
+
+
+class CollectionApp(MONAILabelApp):
+    def __init__(self, app_dir, studies, conf):
+        conf = {"models": ",".join(BUNDLES), **conf, "zoo_source": "local"}
+        model_dir = os.path.join(app_dir, "model")
+        missing = [m for m in conf["models"].split(",") if not os.path.isdir(os.path.join(model_dir, m.strip()))]
+        if missing:
+            raise ValueError(f"bundles should be linked under {model_dir}, missing: {missing}.")
+        self.models = get_bundle_models(app_dir, conf)  # local folders only: nothing is downloaded
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name=f"Clinical Imaging Bundles - MONAI Label ({monailabel.__version__})",
+            description="The collection's bundles, served offline",
+            version=monailabel.__version__,
+        )
+
+    def init_infers(self) -> dict[str, InferTask]:
+        infers = {}
+        for name, path in self.models.items():
+            infers[name] = build_infer_task(name, path)
+            logger.info(f"+++ Adding Inferer:: {name} => {path}")
+        return infers
+
+    def init_trainers(self) -> dict[str, TrainTask]:
+        return {}
+
+    def init_strategies(self) -> dict[str, Strategy]:
+        return {"random": Random(), "first": First()}
