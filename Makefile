@@ -7,7 +7,7 @@ DEMO_OUT ?= demo_outputs
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench clean monailabel-env
+.PHONY: venv demo test lint bench clean monailabel-env monailabel-start
 
 # torch first (a local CPU/CUDA wheel pair), then the package, so nothing pulls another torch.
 $(STAMP): setup.cfg pyproject.toml
@@ -50,6 +50,13 @@ $(ML_STAMP): setup.cfg pyproject.toml monailabel_app/constraints.txt monailabel_
 	touch $(ML_STAMP)
 
 monailabel-env: $(ML_STAMP)
+
+# serves every bundle offline on loopback: make monailabel-start STUDIES=/path/to/studies [ML_PORT=8000]
+STUDIES ?=
+ML_PORT ?= 8000
+monailabel-start: $(ML_STAMP)
+	@test -n "$(STUDIES)" || { echo "usage: make monailabel-start STUDIES=/path/to/studies"; exit 2; }
+	$(ML_PY) -m monailabel.main start_server --app monailabel_app --studies $(STUDIES) --host 127.0.0.1 --port $(ML_PORT)
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache
