@@ -20,6 +20,7 @@ from monailabel.tasks.activelearning.random import Random
 from monailabel.utils.others.generic import get_bundle_models
 
 from lib.workflow_infer import BundleWorkflowInferTask
+from lib.workflow_train import BundleWorkflowTrainTask
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,18 @@ class CollectionApp(MONAILabelApp):
         return infers
 
     def init_trainers(self) -> dict[str, TrainTask]:
-        return {}
+        trainers = {}
+        run_dir = os.path.join(self.app_dir, "train")
+        for name, path in self.models.items():
+            if name == "iris_incontext_segmentation":
+                # datastore label maps hold the reference classes' values; episodes need their names
+                class_names = {str(v): k for k, v in _reference_classes(path).items()}
+                trainers[name] = BundleWorkflowTrainTask(
+                    path, self.conf, run_dir, item_fields={"class_names": class_names, "dataset": "monailabel"},
+                    request_ids=("episodes_per_epoch", "val_interval", "classes_per_episode", "image_size"),
+                )
+                logger.info(f"+++ Adding Trainer:: {name} => {path}")
+        return trainers
 
     def init_strategies(self) -> dict[str, Strategy]:
         return {"random": Random(), "first": First()}
