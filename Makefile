@@ -7,7 +7,7 @@ DEMO_OUT ?= demo_outputs
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench clean monailabel-env monailabel-start
+.PHONY: venv demo test lint bench clean monailabel-env monailabel-start monailabel-test
 
 # torch first (a local CPU/CUDA wheel pair), then the package, so nothing pulls another torch.
 $(STAMP): setup.cfg pyproject.toml
@@ -57,6 +57,11 @@ ML_PORT ?= 8000
 monailabel-start: $(ML_STAMP)
 	@test -n "$(STUDIES)" || { echo "usage: make monailabel-start STUDIES=/path/to/studies"; exit 2; }
 	$(ML_PY) -m monailabel.main start_server --app monailabel_app --studies $(STUDIES) --host 127.0.0.1 --port $(ML_PORT)
+
+monailabel-test: $(ML_STAMP)
+	@tmp=$$(mktemp -d); \
+	TMPDIR=$$tmp MPLCONFIGDIR=$$tmp/matplotlib YOLO_CONFIG_DIR=$$tmp/ultralytics HF_HOME=$$tmp/huggingface \
+	$(ML_PY) -m pytest -p no:cacheprovider tests/monailabel $(PYTEST_ARGS); rc=$$?; rm -rf $$tmp; exit $$rc
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache
