@@ -1,6 +1,6 @@
 """The MONAI Label app (monailabel_app/) served on loopback: info and inference for every bundle.
 
-Runs in MONAI Label's own environment (``make monailabel-test``); skipped where monailabel is not installed.
+Runs in MONAI Label's own environment (``make monailabel-test``); ``make test`` leaves this folder out.
 """
 
 from __future__ import annotations
