@@ -41,7 +41,7 @@ def test_stages_learn_a_concept_heldout(tmp_path):
 
     before = _evaluate(data, untrained, tmp_path / "eval_untrained")
     after = _evaluate(data, ckpt / "stage2.pt", tmp_path / "eval_trained")
-    # measured on 60 held-out images: CAM AUC 0.92 and prototype AUC 0.86 after training
+    # measured on the 60 held-out images: CAM AUC 0.24 -> 0.88, prototype AUC 0.46 -> 0.80
     assert after["auc"] > 0.8 and after["auc"] > before["auc"] + 0.2, (before, after)  # stage 1: concept CAMs
     assert after["auc_prototypes"] > 0.7 and after["auc_prototypes"] > before["auc_prototypes"] + 0.15, (
         before, after)  # stage 2: the learned prototypes of the concept
