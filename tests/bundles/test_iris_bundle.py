@@ -207,3 +207,11 @@ def test_dicom_series_and_nrrd_queries(trained, tmp_path):
     assert report["failed"] == [] and len(report["completed"]) == 2
     assert nib.load(out / "query_seg.nii.gz").shape == image.shape
     assert nib.load(out / "CT5N_seg.nii.gz").shape == (16, 16, 5)
+
+
+def test_metadata_label_values_are_the_default_classes():
+    """``label_values`` (the labels MONAI Label shows) are the embedded references' classes and the memory bank's."""
+    values = json.loads((BUNDLE / "configs/metadata.json").read_text())["label_values"]
+    assert values == json.loads((BUNDLE / "sample/references.json").read_text())["classes"]
+    state = torch.load(BUNDLE / "models/model.pt", map_location="cpu", weights_only=False)
+    assert sorted(state["memory_bank._extra_state"]["class_names"]) == sorted(values)
