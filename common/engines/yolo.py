@@ -87,6 +87,9 @@ class UltralyticsTrainer:
         resume: continue ``output_dir/<run_name>/weights/last.pt``. Default False.
         tensorboard: log scalars to TensorBoard in ``output_dir``. Default True.
         run_name: the ultralytics run folder's name. Default ``"ultralytics"``.
+        pretrained: weights to start from, a local checkpoint of the same architecture (this bundle's
+            ``model.pt`` or an ultralytics checkpoint, see :func:`common.networks.yolo.load_yolo_state_dict`);
+            ``model`` must then be a YAML. Default None: ``model``'s own initialisation.
     """
 
     def __init__(
@@ -122,6 +125,7 @@ class UltralyticsTrainer:
         resume: bool = False,
         tensorboard: bool = True,
         run_name: str = "ultralytics",
+        pretrained: str | os.PathLike | None = None,
     ) -> None:
         if max_epochs < 1 or batch_size < 1 or nominal_batch_size < 1:
             raise ValueError(f"max_epochs, batch_size and nominal_batch_size should be positive, got {max_epochs}, "
@@ -137,6 +141,9 @@ class UltralyticsTrainer:
         self.device = ultralytics_device(device)
         self.num_workers, self.ema, self.resume = int(num_workers), bool(ema), bool(resume)
         self.tensorboard, self.run_name = bool(tensorboard), run_name
+        self.pretrained = Path(pretrained) if pretrained else None
+        if self.pretrained is not None and not self.model.endswith((".yaml", ".yml")):
+            raise ValueError(f"pretrained weights need a model YAML to build the network, got model '{self.model}'.")
         self.amp = "bf16" if amp and self.device != "cpu" else False
         self.ultralytics_args = {  # typed above; ultralytics' names from here on
             "epochs": self.max_epochs, "imgsz": self.image_size, "batch": int(batch_size),
@@ -178,12 +185,25 @@ class UltralyticsTrainer:
             "device": self.device, "workers": self.num_workers, "amp": self.amp, "plots": False, "pretrained": False,
             "project": str(self.output_dir.resolve()), "name": self.run_name, "exist_ok": True, "verbose": True,
         }
+        if self.pretrained is not None:
+            overrides["pretrained"] = str(self._pretrained_checkpoint())
         last = self.run_dir / "weights" / "last.pt"
         if self.resume and last.is_file():
             overrides["resume"] = str(last)
         elif self.resume:
             logger.warning("resume requested but %s does not exist; training from the start.", last)
         return overrides
+
+    def _pretrained_checkpoint(self) -> Path:
+        """``pretrained``'s weights as a checkpoint ultralytics starts from (``output_dir/pretrained.pt``)."""
+        from common.networks.yolo import YOLODetector, load_yolo_state_dict
+
+        net = YOLODetector(self.model, num_classes=len(self.class_names), in_channels=1)
+        net.load_state_dict(load_yolo_state_dict(self.pretrained))
+        path = self.output_dir / "pretrained.pt"
+        torch.save({"model": net.model.float()}, path)
+        logger.info("starting from the weights of %s", self.pretrained)
+        return path
 
     def run(self) -> dict:
         """Export, train, and copy the best weights to ``ckpt_dir``; returns ultralytics' final metrics."""

@@ -68,6 +68,23 @@ def test_trainer_translates_config_to_ultralytics_arguments(tmp_path):
     assert cpu.amp is False  # autocast on CPU would slow training down
 
 
+def test_trainer_starts_from_pretrained_weights(tmp_path):
+    from common.networks.yolo import YOLODetector
+
+    torch.manual_seed(0)
+    weights = tmp_path / "model.pt"
+    torch.save(YOLODetector("yolov5n.yaml", num_classes=2).state_dict(), weights)
+    trainer = UltralyticsTrainer([], None, ["a", "b"], tmp_path / "out", tmp_path / "models", model="yolov5n.yaml",
+                                 pretrained=weights)
+    (tmp_path / "out").mkdir()
+    args = trainer._overrides(tmp_path / "data.yaml")
+    start = torch.load(args["pretrained"], map_location="cpu", weights_only=False)["model"]  # ultralytics' format
+    expected = torch.load(weights, map_location="cpu")
+    assert all(torch.equal(v, expected[f"model.{k}"]) for k, v in start.state_dict().items())
+    with pytest.raises(ValueError, match="model YAML"):
+        UltralyticsTrainer([], None, ["a"], tmp_path, tmp_path, model="best.pt", pretrained=weights)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_cxr")
