@@ -19,49 +19,85 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 from monailabel.utils.others.generic import get_bundle_models
 
-from lib.workflow_infer import BundleWorkflowInferTask
-from lib.workflow_train import BundleWorkflowTrainTask
+from common.monailabel import (
+    BundleWorkflowInferTask,
+    BundleWorkflowTrainTask,
+    JsonLabels,
+    YoloLabels,
+    channel_names,
+    label_values,
+)
 
 logger = logging.getLogger(__name__)
 
 BUNDLES = ("iris_incontext_segmentation", "csr_cxr_classification", "ct_report_encoder", "yolo_cxr_detection")
 
 
-def _metadata(path: str) -> dict:
-    with open(os.path.join(path, "configs", "metadata.json")) as f:
+def _train_config(path: str) -> dict:
+    with open(os.path.join(path, "configs", "train.json")) as f:
         return json.load(f)
 
 
-def _channel_names(path: str, prefix: str = "") -> list[str]:
-    """Output channel names from ``metadata.json``'s ``network_data_format`` (``"score: nodule"`` -> ``nodule``)."""
-    channel_def = _metadata(path)["network_data_format"]["outputs"]["pred"]["channel_def"]
-    names = [channel_def[k] for k in sorted(channel_def, key=int)]
-    return [n[len(prefix):] for n in names if n.startswith(prefix)] if prefix else names
+def _start_weights(path: str, config_id: str):
+    """Overrides setting ``config_id`` to the shipped ``models/model.pt`` unless the request has ``pretrained``
+    false, for bundles whose training does not start from MONAI Label's ``CheckpointLoader``."""
+    weights = os.path.join(path, "models", "model.pt")
 
+    def overrides(run: str, request: dict) -> dict:
+        return {config_id: weights} if request.get("pretrained", True) and os.path.isfile(weights) else {}
 
-def _reference_classes(path: str) -> dict[str, int]:
-    """IRIS segments the classes its reference examples name; the default ones are the embedded sample's."""
-    with open(os.path.join(path, "sample", "references.json")) as f:
-        return json.load(f)["classes"]
+    return overrides
 
 
 def build_infer_task(name: str, path: str) -> InferTask:
     if name == "iris_incontext_segmentation":
         return BundleWorkflowInferTask(
-            path, InferType.SEGMENTATION, _reference_classes(path), 3, result=("seg", ".nii.gz"),
+            path, InferType.SEGMENTATION, label_values(path), 3, result=("seg", ".nii.gz"),
             result_json=("summary", ".json"), request_ids=("strategy", "classes", "references_file"), is_label=True,
         )
     if name == "csr_cxr_classification":
         return BundleWorkflowInferTask(
-            path, InferType.CLASSIFICATION, _channel_names(path), 2, result=("explanation", ".png"),
+            path, InferType.CLASSIFICATION, channel_names(path), 2, result=("explanation", ".png"),
             result_json=("explanation", ".json"),
         )
     if name == "ct_report_encoder":
         return BundleWorkflowInferTask(path, InferType.OTHERS, [], 3, query_id="images", result=("global", ".npy"))
     if name == "yolo_cxr_detection":
         return BundleWorkflowInferTask(
-            path, InferType.DETECTION, _channel_names(path, prefix="score: "), 2, result=("detections", ".png"),
+            path, InferType.DETECTION, channel_names(path, prefix="score: "), 2, result=("detections", ".png"),
             result_json=("detections", ".json"),
+        )
+    raise ValueError(f"bundle should be one of {BUNDLES}, got {name}.")
+
+
+def build_train_task(name: str, path: str, conf: dict, run_dir: str) -> TrainTask:
+    """The bundle's ``train.json`` with its training items from the datastore (README.md here: label files)."""
+    if name == "iris_incontext_segmentation":
+        # datastore label maps hold the classes' label values; episodes need their names
+        class_names = {str(v): k for k, v in label_values(path).items()}
+        return BundleWorkflowTrainTask(
+            path, conf, run_dir, item_fields={"class_names": class_names, "dataset": "monailabel"},
+            request_ids=("episodes_per_epoch", "val_interval", "classes_per_episode", "image_size"),
+        )
+    config = _train_config(path)
+    if name == "csr_cxr_classification":
+        labels = JsonLabels(("concepts", "diseases"),
+                            vectors={"concepts": config["concept_names"], "diseases": config["disease_names"]})
+        # train.json has its own CheckpointLoader (previous_checkpoint, for chaining stages), so MONAI Label adds
+        # none: the shipped weights start training through it (an absolute path ignores ckpt_dir)
+        return BundleWorkflowTrainTask(path, conf, run_dir, labels=labels,
+                                       overrides=_start_weights(path, "previous_checkpoint"),
+                                       request_ids=("val_interval", "batch_size", "image_size", "learning_rate"))
+    if name == "ct_report_encoder":
+        return BundleWorkflowTrainTask(path, conf, run_dir, labels=JsonLabels(("report",)),
+                                       request_ids=("val_interval", "batch_size", "learning_rate"))
+    if name == "yolo_cxr_detection":
+        # ultralytics trains without train#handlers: the shipped weights start training through the trainer
+        return BundleWorkflowTrainTask(
+            path, conf, run_dir, labels=YoloLabels(len(config["class_names"])),
+            overrides=_start_weights(path, "train#trainer#pretrained"),
+            request_ids=("batch_size", "nominal_batch_size", "image_size", "learning_rate", "mosaic", "close_mosaic",
+                         "warmup_epochs"),
         )
     raise ValueError(f"bundle should be one of {BUNDLES}, got {name}.")
 
@@ -94,14 +130,8 @@ class CollectionApp(MONAILabelApp):
         trainers = {}
         run_dir = os.path.join(self.app_dir, "train")
         for name, path in self.models.items():
-            if name == "iris_incontext_segmentation":
-                # datastore label maps hold the reference classes' values; episodes need their names
-                class_names = {str(v): k for k, v in _reference_classes(path).items()}
-                trainers[name] = BundleWorkflowTrainTask(
-                    path, self.conf, run_dir, item_fields={"class_names": class_names, "dataset": "monailabel"},
-                    request_ids=("episodes_per_epoch", "val_interval", "classes_per_episode", "image_size"),
-                )
-                logger.info(f"+++ Adding Trainer:: {name} => {path}")
+            trainers[name] = build_train_task(name, path, self.conf, run_dir)
+            logger.info(f"+++ Adding Trainer:: {name} => {path}")
         return trainers
 
     def init_strategies(self) -> dict[str, Strategy]:

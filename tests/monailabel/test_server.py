@@ -1,11 +1,14 @@
-"""The MONAI Label app (monailabel_app/) served on loopback: info and inference for every bundle.
+"""The MONAI Label app (monailabel_app/) served on loopback: info, inference and one-epoch training for every bundle.
 
-Runs in MONAI Label's own environment (``make monailabel-test``); ``make test`` leaves this folder out.
+Runs in MONAI Label's own environment (``make monailabel-test``, which ``make test`` runs after the main suite).
+The studies are the bundles' embedded samples, with each bundle's training labels laid out as
+monailabel_app/README.md describes.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -30,8 +33,13 @@ STUDIES = {
     "ct_000": BUNDLES / "ct_report_encoder/sample/images/ct_000.nii.gz",
 }
 IRIS_SAMPLE = BUNDLES / "iris_incontext_segmentation/sample"
-# labelled studies MONAI Label trains on (its datastore keeps final labels under labels/final)
-LABELLED = ["synth_000", "synth_001", "synth_002", "synth_003"]
+CSR_SAMPLE = BUNDLES / "csr_cxr_classification/sample"
+CT_SAMPLE = BUNDLES / "ct_report_encoder/sample"
+# labelled studies MONAI Label trains on (labels/final/<id>.<ext>, the format depending on the bundle)
+LABELLED = ["synth_000", "synth_001", "synth_002", "synth_003"]  # IRIS: label maps
+CXR_LABELLED = ["cxr_0000", "cxr_0001", "cxr_0003", "cxr_0004", "cxr_0005", "cxr_0006"]  # CSR: .json, YOLO: .txt
+CT_LABELLED = ["ct_000", "ct_001", "ct_002", "ct_003"]  # CT encoder: .json (report and region mask)
+TRAIN_TIMEOUT_S = 600
 START_TIMEOUT_S = 180
 INFER_TIMEOUT_S = 600
 
@@ -44,8 +52,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _datalist_items(sample: Path) -> dict[str, dict]:
+    """Items of a bundle's sample datalist by study id."""
+    datalist = json.loads((sample / "datalist.json").read_text())
+    items = [i for split in ("training", "validation", "test") for i in datalist.get(split, [])]
+    return {Path(i["image"]).name.split(".")[0]: i for i in items}
+
+
+def _add_cxr_labels(studies: Path) -> None:
+    """CSR's concepts and diseases as names (labels/final/<id>.json) and YOLO boxes (labels/final/<id>.txt)."""
+    from PIL import Image
+
+    datalist = json.loads((CSR_SAMPLE / "datalist.json").read_text())
+    items = _datalist_items(CSR_SAMPLE)
+    for name in CXR_LABELLED:
+        item = items[name]
+        shutil.copy(CSR_SAMPLE / item["image"], studies / f"{name}.png")
+        label = {"concepts": [c for c, v in zip(datalist["concepts"], item["concepts"]) if v],
+                 "diseases": [d for d, v in zip(datalist["diseases"], item["diseases"]) if v]}
+        (studies / f"labels/final/{name}.json").write_text(json.dumps(label))
+        width, height = Image.open(studies / f"{name}.png").size
+        lines = [f"{c} {(x0 + x1) / 2 / width:.6f} {(y0 + y1) / 2 / height:.6f} {(x1 - x0) / width:.6f} "
+                 f"{(y1 - y0) / height:.6f}" for c, x0, y0, x1, y1 in item["boxes"]]
+        (studies / f"labels/final/{name}.txt").write_text("\n".join(lines) + "\n")
+
+
+def _add_ct_labels(studies: Path) -> None:
+    """The CT encoder's report and region mask (labels/final/<id>.json; the mask under masks/)."""
+    items = _datalist_items(CT_SAMPLE)
+    (studies / "masks").mkdir()
+    for name in CT_LABELLED:
+        item = items[name]
+        shutil.copy(CT_SAMPLE / item["image"], studies / f"{name}.nii.gz")
+        shutil.copy(CT_SAMPLE / item["mask"], studies / f"masks/{name}.nii.gz")
+        label = {"report": item["report"], "mask": f"masks/{name}.nii.gz"}
+        (studies / f"labels/final/{name}.json").write_text(json.dumps(label))
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server_tmp(tmp_path_factory) -> Path:
+    """The server's temporary folder (TMPDIR)."""
+    return tmp_path_factory.mktemp("server_tmp")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, server_tmp):
     studies = tmp_path_factory.mktemp("studies")
     for path in STUDIES.values():
         shutil.copy(path, studies / path.name)
@@ -53,8 +104,11 @@ def server(tmp_path_factory):
     for name in LABELLED:
         shutil.copy(IRIS_SAMPLE / f"imagesTr/{name}.nii.gz", studies / f"{name}.nii.gz")
         shutil.copy(IRIS_SAMPLE / f"labelsTr/{name}.nii.gz", studies / f"labels/final/{name}.nii.gz")
+    _add_cxr_labels(studies)
+    _add_ct_labels(studies)
     port = _free_port()
-    env = {**os.environ, "MONAI_LABEL_SESSION_PATH": str(tmp_path_factory.mktemp("sessions"))}
+    env = {**os.environ, "MONAI_LABEL_SESSION_PATH": str(tmp_path_factory.mktemp("sessions")),
+           "TMPDIR": str(server_tmp)}
     log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(REPO / "monailabel_app"),
            "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port)]
@@ -101,6 +155,8 @@ def test_info(server):
     assert set(models) == {"iris_incontext_segmentation", "csr_cxr_classification", "ct_report_encoder",
                            "yolo_cxr_detection"}
     assert models["iris_incontext_segmentation"]["type"] == "segmentation"
+    iris_meta = json.loads((BUNDLES / "iris_incontext_segmentation/configs/metadata.json").read_text())
+    assert models["iris_incontext_segmentation"]["labels"] == iris_meta["label_values"]  # from metadata.json
     assert models["iris_incontext_segmentation"]["labels"]["bright_ellipsoid"] == 1
     assert models["csr_cxr_classification"]["type"] == "classification"
     assert "pneumonia" in models["csr_cxr_classification"]["labels"]
@@ -145,11 +201,53 @@ def test_infer_yolo_boxes(server):
         assert len(d["box"]) == 4 and 0 <= d["score"] <= 1 and d["class"] in result["class_names"]
 
 
-def test_train_iris_one_epoch(server):
-    request = {"max_epochs": 1, "device": "cpu", "val_split": 0.25, "episodes_per_epoch": 2, "val_interval": 1,
-               "multi_gpu": False}
-    r = httpx.post(f"{server}/train/iris_incontext_segmentation", params={"run_sync": True}, json=request,
-                   timeout=INFER_TIMEOUT_S)
+def test_infer_leaves_no_temporary_files(server, server_tmp):
+    _infer(server, "csr_cxr_classification", "cxr_0000", output="image")
+    _infer(server, "iris_incontext_segmentation", "synth_004")
+    deadline = time.monotonic() + 30  # MONAI Label deletes the returned file after answering
+    while True:
+        left = sorted(p.name for p in server_tmp.glob("monailabel_*"))
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not left, left
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _train(url: str, bundle: str, **request) -> Path:
+    """One synchronous training run; returns its run folder, checking the shipped weights are untouched."""
+    shipped = BUNDLES / bundle / "models/model.pt"
+    before = _sha256(shipped)
+    request = {"max_epochs": 1, "device": "cpu", "multi_gpu": False, **request}
+    r = httpx.post(f"{url}/train/{bundle}", params={"run_sync": True}, json=request, timeout=TRAIN_TIMEOUT_S)
     assert r.status_code == 200, r.text
-    runs = sorted((REPO / "monailabel_app/train").glob("iris_incontext_segmentation_*"))
-    assert runs and any(runs[-1].glob("checkpoints/*.pt")), runs
+    assert _sha256(shipped) == before
+    runs = sorted((REPO / "monailabel_app/train").glob(f"{bundle}_*"))
+    assert runs, f"no run folder for {bundle}"
+    return runs[-1]
+
+
+def test_train_iris_one_epoch(server):
+    run = _train(server, "iris_incontext_segmentation", val_split=0.25, episodes_per_epoch=2, val_interval=1)
+    assert any(run.glob("checkpoints/*.pt")), run
+
+
+def test_train_csr_one_epoch(server):
+    run = _train(server, "csr_cxr_classification", val_split=0.34, val_interval=1, batch_size=4,
+                 image_size=[64, 64])
+    assert any(run.glob("checkpoints/checkpoint_stage1*.pt")), sorted(run.rglob("*"))
+
+
+def test_train_ct_encoder_one_epoch(server):
+    run = _train(server, "ct_report_encoder", val_split=0.25, val_interval=1, batch_size=2)
+    assert any(run.glob("checkpoints/*.pt")), sorted(run.rglob("*"))
+
+
+def test_train_yolo_one_epoch(server):
+    run = _train(server, "yolo_cxr_detection", val_split=0.34, batch_size=4, nominal_batch_size=4, image_size=64,
+                 warmup_epochs=0.0)
+    assert (run / "checkpoints/model.pt").is_file(), sorted(run.rglob("*"))
+    assert (run / "pretrained.pt").is_file()  # started from the shipped weights

@@ -4,6 +4,10 @@ MONAI Label's ``BundleInferTask`` rebuilds a bundle as pre-transforms, an infere
 network. Our bundles need more than that (IRIS's in-context prompt, CSR's concept CAMs, the CT encoder's embeddings,
 the YOLO detector's box decoding), so this task runs the bundle's workflow as ``monai.bundle run`` does, with the
 study as its only query and a fresh output folder, and returns what the workflow wrote.
+
+The output folder is removed before the task returns: the returned file is moved into a temporary file of its own,
+which MONAI Label's ``/infer`` endpoint deletes after sending it (and after copying it into the datastore when the
+request saves the label); JSON outputs are returned in the result's ``params``.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import glob
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from typing import Any
@@ -94,27 +99,40 @@ class BundleWorkflowInferTask(InferTask):
 
     def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict]:
         output_dir = tempfile.mkdtemp(prefix="monailabel_infer_")
-        workflow = ConfigWorkflow(
-            config_file=os.path.join(self.path, "configs", "inference.json"),
-            meta_file=os.path.join(self.path, "configs", "metadata.json"),
-            workflow_type="infer",
-            bundle_root=self.path,
-            **self._overrides(request, output_dir),
-        )
-        workflow.initialize()
-        workflow.run()
-        workflow.finalize()
-        if not self.is_label:
-            request["save_label"] = False  # a heatmap or preview is no label map for the datastore
-        result_file = self._find(output_dir, self.result)
-        params: dict[str, Any] = {"output_dir": output_dir}
-        json_file = self._find(output_dir, self.result_json)
-        if json_file:
-            with open(json_file) as f:
-                params["result"] = json.load(f)
-        if result_file and result_file.endswith(".npy"):  # an embedding: MONAI Label has no task type for it
-            params["embedding"] = numpy.load(result_file).tolist()
-        written = glob.glob(f"{output_dir}/**/*.*", recursive=True)
-        params["files"] = sorted(os.path.relpath(p, output_dir) for p in written)
+        try:
+            workflow = ConfigWorkflow(
+                config_file=os.path.join(self.path, "configs", "inference.json"),
+                meta_file=os.path.join(self.path, "configs", "metadata.json"),
+                workflow_type="infer",
+                bundle_root=self.path,
+                **self._overrides(request, output_dir),
+            )
+            workflow.initialize()
+            workflow.run()
+            workflow.finalize()
+            if not self.is_label:
+                request["save_label"] = False  # a heatmap or preview is no label map for the datastore
+            params: dict[str, Any] = {}
+            json_file = self._find(output_dir, self.result_json)
+            if json_file:
+                with open(json_file) as f:
+                    params["result"] = json.load(f)
+            found = self._find(output_dir, self.result)
+            if found and found.endswith(".npy"):  # an embedding: MONAI Label has no task type for it
+                params["embedding"] = numpy.load(found).tolist()
+            written = glob.glob(f"{output_dir}/**/*.*", recursive=True)
+            params["files"] = sorted(os.path.relpath(p, output_dir) for p in written)
+            result_file = self._keep(found) if found else None
+        finally:
+            shutil.rmtree(output_dir, ignore_errors=True)
         logger.info("%s -> %s", request["image"], result_file)
         return result_file, params
+
+    @staticmethod
+    def _keep(path: str) -> str:
+        """Move the returned file out of the workflow's output folder into a file of its own, which MONAI Label
+        deletes once it has answered the request (or copied the label into its datastore)."""
+        fd, kept = tempfile.mkstemp(prefix="monailabel_result_", suffix=f"_{os.path.basename(path)}")
+        os.close(fd)
+        shutil.move(path, kept)
+        return kept

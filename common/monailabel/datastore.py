@@ -1,0 +1,167 @@
+"""Training items from a MONAI Label studies folder, for bundles whose labels are not label maps.
+
+MONAI Label's datastore pairs each study with one label map (``labels/final/<id>.nii.gz``). The CSR classifier, the
+CT report encoder and the YOLO detector train on other labels; they are kept next to the label maps, one file per
+study, named by the study's id:
+
+- ``labels/final/<id>.json``: the study's datalist fields other than ``image``, as in the bundle's
+  ``sample/datalist.json`` (CSR: ``concepts`` and ``diseases``, as lists of the names present or as 0/1 vectors; CT
+  encoder: ``report`` and ``mask``). Paths in it (``mask``, ``label``, ``roi``, ``concept_masks``) are relative to
+  the studies folder.
+- ``labels/final/<id>.txt``: YOLO boxes, one ``class cx cy w h`` line per box, normalised to the image's width and
+  height (ultralytics' label format); an empty file marks an image without findings.
+
+MONAI Label's datastore does not list ``.json`` and ``.txt`` files as labels (its file extensions are images'), so
+these readers take the files from the studies folder themselves: local studies folders only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from common.data.datalist import PATH_KEYS, PATH_MAP_KEYS
+
+__all__ = ["LABELS_DIR", "JsonLabels", "YoloLabels", "image_size", "label_file"]
+
+LABELS_DIR = os.path.join("labels", "final")
+
+
+def label_file(image_path: str | os.PathLike, image_id: str, suffix: str) -> Path:
+    """``<studies>/labels/final/<image_id><suffix>`` for a study stored at ``image_path`` in the studies folder."""
+    return Path(image_path).resolve().parent / LABELS_DIR / f"{image_id}{suffix}"
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(width, height)`` of a 2D image file: DICOM (Columns, Rows, read without pixel data), NIfTI/NRRD (first
+    two axes, as MONAI loads them) or any format PIL reads (PNG, JPEG, TIFF)."""
+    path = str(path)
+    lower = path.lower()
+    if lower.endswith(".dcm"):
+        import pydicom
+
+        header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        return int(header.Columns), int(header.Rows)
+    if lower.endswith((".nii", ".nii.gz", ".nrrd", ".nhdr")):
+        import nibabel as nib
+
+        shape = nib.load(path).shape if not lower.endswith((".nrrd", ".nhdr")) else _nrrd_shape(path)
+        return int(shape[0]), int(shape[1])
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.size
+
+
+def _nrrd_shape(path: str) -> tuple[int, ...]:
+    import nrrd
+
+    return tuple(nrrd.read_header(path)["sizes"])
+
+
+def _resolve(base: Path, value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    p = Path(os.path.expanduser(value))
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _multi_hot(value: Any, names: Sequence[str], field: str, source: Path) -> list[int]:
+    """0/1 vector over ``names`` from a list of the names present, a ``{name: 0/1}`` mapping or a 0/1 vector."""
+    if isinstance(value, Mapping):
+        value = [k for k, v in value.items() if v]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{source}: '{field}' should be a list of names from {list(names)} or a 0/1 vector.")
+    if all(isinstance(v, str) for v in value):
+        unknown = sorted(set(value) - set(names))
+        if unknown:
+            raise ValueError(f"{source}: '{field}' names {unknown} are not among {list(names)}.")
+        return [int(n in value) for n in names]
+    if len(value) != len(names) or any(v not in (0, 1) for v in value):
+        raise ValueError(f"{source}: '{field}' should be {len(names)} values of 0 or 1 (one per name of "
+                         f"{list(names)}), got {value}.")
+    return [int(v) for v in value]
+
+
+class JsonLabels:
+    """The item of a study whose ``labels/final/<id>.json`` has the fields a bundle trains on.
+
+    Args:
+        required: fields the JSON must have (a study without them is not an item of this bundle).
+        vectors: fields given as names that the bundle reads as 0/1 vectors, with the names in vector order,
+            e.g. ``{"concepts": concept_names, "diseases": disease_names}``.
+
+    Calling it with a study's id and image path returns ``{"image": path, **fields}`` (paths resolved against the
+    studies folder), or None when the study has no such JSON or the JSON lacks a required field.
+    """
+
+    suffix = ".json"
+
+    def __init__(self, required: Sequence[str], vectors: Mapping[str, Sequence[str]] | None = None) -> None:
+        self.required = tuple(required)
+        self.vectors = {k: list(v) for k, v in (vectors or {}).items()}
+
+    def __call__(self, image_id: str, image_path: str) -> dict | None:
+        path = label_file(image_path, image_id, self.suffix)
+        if not path.is_file():
+            return None
+        try:
+            fields = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}).") from e
+        if not isinstance(fields, dict) or any(k not in fields for k in self.required):
+            return None
+        base = path.parents[2]  # the studies folder
+        item = {k: v for k, v in fields.items() if k != "image"}
+        for key in PATH_KEYS:
+            if key in item:
+                item[key] = _resolve(base, item[key])
+        for key in PATH_MAP_KEYS:
+            if isinstance(item.get(key), Mapping):
+                item[key] = {k: _resolve(base, v) for k, v in item[key].items()}
+        for key, names in self.vectors.items():
+            if key in item:
+                item[key] = _multi_hot(item[key], names, key, path)
+        return {"image": str(image_path), **item}
+
+
+class YoloLabels:
+    """The item of a study with YOLO boxes in ``labels/final/<id>.txt``: ``{"image", "boxes": [[class, x0, y0,
+    x1, y1], ...]}`` in the image's pixels, as the detection bundle's datalists hold them.
+
+    Args:
+        num_classes: number of box classes; class indices outside ``[0, num_classes)`` are refused.
+    """
+
+    suffix = ".txt"
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = int(num_classes)
+
+    def __call__(self, image_id: str, image_path: str) -> dict | None:
+        path = label_file(image_path, image_id, self.suffix)
+        if not path.is_file():
+            return None
+        width, height = image_size(image_path)
+        boxes = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            fields = line.split()
+            try:
+                if len(fields) != 5:
+                    raise ValueError
+                cls, cx, cy, w, h = int(fields[0]), *(float(v) for v in fields[1:])
+            except ValueError:
+                raise ValueError(f"{path}:{number}: should be 'class cx cy w h' (class an integer, the others "
+                                 f"normalised to [0, 1]), got {line!r}.") from None
+            if not 0 <= cls < self.num_classes:
+                raise ValueError(f"{path}:{number}: class should be in [0, {self.num_classes}), got {cls}.")
+            if not all(0.0 <= v <= 1.0 for v in (cx, cy, w, h)):
+                raise ValueError(f"{path}:{number}: cx, cy, w, h should be normalised to [0, 1], got {line!r}.")
+            boxes.append([cls, (cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width,
+                          (cy + h / 2) * height])
+        return {"image": str(image_path), "boxes": boxes}
