@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -16,9 +14,10 @@ import pytest
 from common.data import generate_ct_report_dataset
 from tests.bundles.runner import BUNDLES
 from tests.bundles.runner import bundle_run as run_bundle
+from tests.bundles.runner import torchrun_bundle
 
 BUNDLE = BUNDLES / "ct_report_encoder"
-TRAIN = ["--max_epochs", "10", "--val_interval", "10", "--batch_size", "4", "--learning_rate", "0.003"]
+TRAIN = ["--max_epochs", "12", "--val_interval", "12", "--batch_size", "8", "--learning_rate", "0.003"]
 pytestmark = pytest.mark.xdist_group(name="ct_encoder_bundle")
 
 
@@ -28,13 +27,14 @@ def bundle_run(config, *args, check=True):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    """16 training cases (plus one with an empty report), 2 validation, 2 test, at the bundle's grid."""
+    """60 training and 100 held-out (validation) cases at the bundle's grid, plus one held-out case with an empty
+    report. Many held-out cases make Recall@K a steady measure: with 100, chance R@10 is 0.10 +- 0.03."""
     out = tmp_path_factory.mktemp("ct_reports")
-    generate_ct_report_dataset(out, num_cases=20, shape=(32, 64, 64), seed=11, split=(0.8, 0.1, 0.1))
+    generate_ct_report_dataset(out, num_cases=160, shape=(32, 64, 64), seed=3, split=(0.375, 0.625, 0.0))
     datalist = json.loads((out / "datalist.json").read_text())
     shutil.copy(out / "images" / "ct_000.nii.gz", out / "images" / "empty_report.nii.gz")
     bad = dict(datalist["training"][0], case_id="empty_report", image="images/empty_report.nii.gz")
-    datalist["training"].append({**bad, "report": {**bad["report"], "impression": ""}})
+    datalist["validation"].append({**bad, "report": {**bad["report"], "impression": ""}})
     (out / "datalist.json").write_text(json.dumps(datalist))
     return out
 
@@ -49,22 +49,26 @@ def trained(data, tmp_path_factory) -> Path:
 
 def _evaluate(data: Path, out: Path, ckpt_path: str) -> dict:
     bundle_run(["train.json", "evaluate.json"], "--dataset_dir", str(data), "--ckpt_path", ckpt_path,
-               "--output_dir", str(out), "--evaluate_split", "training")
+               "--output_dir", str(out), "--evaluate_split", "validation")
     assert "| text to image |" in (out / "retrieval_metrics.md").read_text()
     return json.loads((out / "retrieval_metrics.json").read_text())
 
 
-def test_training_learns_region_text_alignment_above_chance_and_the_untrained_model(data, trained, tmp_path):
-    """Over the 16 training reports after a 10-epoch CPU run: region sentences find their region. Volume-level
-    Recall@K needs longer training than a test affords; the shipped weights' held-out numbers are in the docs."""
+def test_training_learns_heldout_retrieval_and_region_alignment_above_chance(data, trained, tmp_path):
+    """A 12-epoch CPU run on 60 cases, measured on the 100 held-out ones: reports find their volume (text->image
+    Recall@10) and region sentences find their region well above chance and above the untrained model. Measured:
+    R@10 0.21 (untrained 0.10, chance 0.10), region alignment 0.77 (untrained 0.04, chance 0.125). The shipped
+    weights' longer run reaches higher; its numbers are in the docs."""
     assert (trained / "model.pt").is_file()
     learned = _evaluate(data, tmp_path / "trained", str(trained / "model.pt"))
     untrained = _evaluate(data, tmp_path / "untrained", "")
     for metrics in (learned, untrained):
-        assert metrics["cases"] == 16 and metrics["chance_R@5"] == pytest.approx(5 / 16)
+        assert metrics["cases"] == 100 and metrics["chance_R@10"] == pytest.approx(10 / 100)
         assert [f["source"] for f in metrics["failed"]] == [str(data / "images" / "empty_report.nii.gz")]
         assert "empty impression" in metrics["failed"][0]["error"]
         assert 0.0 <= metrics["text_to_image_R@5"] <= metrics["text_to_image_R@10"] <= 1.0
+    assert learned["text_to_image_R@10"] >= learned["chance_R@10"] + 0.07, learned
+    assert learned["text_to_image_R@10"] >= untrained["text_to_image_R@10"] + 0.06, (learned, untrained)
     chance = learned["chance_region_alignment"]
     assert learned["region_alignment_accuracy"] >= chance + 0.4, learned
     assert learned["region_alignment_accuracy"] >= untrained["region_alignment_accuracy"] + 0.4, (learned, untrained)
@@ -130,17 +134,9 @@ def test_inference_writes_embeddings_index_topk_and_reports_bad_input(tmp_path):
 
 
 def test_multi_gpu_train_runs_under_torchrun_on_cpu(data, tmp_path):
-    configs = [str(BUNDLE / "configs" / c) for c in ("train.json", "multi_gpu_train.json")]
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-        "-m", "monai.bundle", "run", "--config_file", str(configs),
-        "--meta_file", str(BUNDLE / "configs" / "metadata.json"),
-        "--logging_file", str(BUNDLE / "configs" / "logging.conf"),
-        "--bundle_root", str(BUNDLE), "--dataset_dir", str(data), "--ckpt_dir", str(tmp_path / "models"),
-        "--output_dir", str(tmp_path / "eval"), "--max_epochs", "1", "--val_interval", "1", "--batch_size", "4",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    torchrun_bundle(BUNDLE, "--dataset_dir", str(data), "--ckpt_dir", str(tmp_path / "models"),
+                    "--output_dir", str(tmp_path / "eval"), "--max_epochs", "1", "--val_interval", "1",
+                    "--batch_size", "4")
     # rank 0 alone writes checkpoints
     written = sorted(p.name for p in (tmp_path / "models").glob("*.pt"))
     assert written == ["checkpoint_checkpoint_epoch=1.pt", "model.pt"]

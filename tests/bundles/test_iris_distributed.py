@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from common.data import generate_synthetic_3d
+from tests.bundles.runner import torchrun_bundle
 from tests.bundles.test_iris_bundle import BUNDLE, bundle_run
 
 SMALL = ["--image_size", "[32,32,32]", "--max_epochs", "1", "--episodes_per_epoch", "4", "--val_interval", "1"]
@@ -24,17 +25,8 @@ def synth(tmp_path_factory):
 
 
 def test_multi_gpu_train_runs_under_torchrun_on_cpu(synth, tmp_path):
-    configs = [str(BUNDLE / "configs" / c) for c in ("train.json", "multi_gpu_train.json")]
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
-        "-m", "monai.bundle", "run", "--config_file", str(configs),
-        "--meta_file", str(BUNDLE / "configs" / "metadata.json"),
-        "--logging_file", str(BUNDLE / "configs" / "logging.conf"),
-        "--bundle_root", str(BUNDLE), "--dataset_dir", str(synth),
-        "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"), *SMALL,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    torchrun_bundle(BUNDLE, "--dataset_dir", str(synth), "--ckpt_dir", str(tmp_path / "models"),
+                    "--output_dir", str(tmp_path / "eval"), *SMALL)
     # rank 0 alone writes checkpoints; the gathered bank holds episodes of both ranks
     assert [p.name for p in (tmp_path / "models").glob("checkpoint_*.pt")] == ["checkpoint_checkpoint_epoch=1.pt"]
     state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=False)
