@@ -44,13 +44,31 @@ class ImageTextModel(nn.Module):
         text_encoder: a :class:`common.networks.TextEncoder`.
         loss: a :class:`common.losses.MultiLevelContrastiveLoss`.
         cache_text: cache pooled text states when the text backbone is frozen. Default True.
+        seg_loss: loss of the image encoder's auxiliary segmentation head, ``seg_loss(seg_logits, region_mask)``
+            (e.g. ``monai.losses.DiceCELoss(to_onehot_y=True, softmax=True)``); used when ``seg_weight > 0``.
+        seg_weight: weight of the segmentation loss in ``total``, added as level ``seg``; it needs an encoder built
+            with ``seg_head=True`` and batches with region masks. Default 0 (off).
     """
 
-    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, loss: nn.Module, cache_text: bool = True):
+    def __init__(
+        self,
+        image_encoder: nn.Module,
+        text_encoder: nn.Module,
+        loss: nn.Module,
+        cache_text: bool = True,
+        seg_loss: nn.Module | None = None,
+        seg_weight: float = 0.0,
+    ):
         super().__init__()
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.loss = loss
+        self.seg_weight = float(seg_weight)
+        if self.seg_weight < 0:
+            raise ValueError(f"seg_weight should be non-negative, got {seg_weight}.")
+        if self.seg_weight > 0 and (seg_loss is None or getattr(image_encoder, "seg_head", None) is None):
+            raise ValueError("seg_weight > 0 needs a seg_loss and an image encoder built with seg_head=True.")
+        self.seg_loss = seg_loss
         self.cache_text = bool(cache_text) and getattr(text_encoder, "freeze", "none") == "all"
         self._cache: dict[str, torch.Tensor] = {}
 
@@ -82,7 +100,7 @@ class ImageTextModel(nn.Module):
         self, volume: torch.Tensor, region_mask: torch.Tensor | None, reports: Sequence[Mapping]
     ) -> dict[str, torch.Tensor]:
         """``(B, 1, D, H, W)`` volumes, ``(B, 1, D, H, W)`` region ids (or None) and ``B`` reports -> each level's
-        loss and ``total``."""
+        loss (``seg`` too when the segmentation loss is on and masks are given) and ``total``."""
         image = self.image_encoder.encode(volume, region_mask)
         num_regions = image["region"].shape[1]
         texts = report_text_batch(reports, num_regions)
@@ -96,7 +114,7 @@ class ImageTextModel(nn.Module):
                 (texts["region_batch"].to(device), texts["region_ids"].to(device) - 1), embedded[b: b + m]
             )
         steps = embedded[b + m:]
-        return self.loss.levels(
+        levels = self.loss.levels(
             image["global"], embedded[:b],
             image_regions=image["region"],
             region_text=region_text if m else None,
@@ -106,6 +124,10 @@ class ImageTextModel(nn.Module):
             step_batch=texts["step_batch"].to(device),
             step_region=texts["step_region"].to(device),
         )
+        if self.seg_weight > 0 and region_mask is not None:
+            levels["seg"] = self.seg_loss(image["seg_logits"].float(), region_mask.long())
+            levels["total"] = levels["total"] + self.seg_weight * levels["seg"]
+        return levels
 
 
 def embed_texts(model: nn.Module, texts: Sequence[str]) -> torch.Tensor:

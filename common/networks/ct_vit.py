@@ -66,6 +66,14 @@ def _to_patches(x: torch.Tensor, patch: Sequence[int]) -> torch.Tensor:
     return x.reshape(b, (d // pd) * (h // ph) * (w // pw), c * pd * ph * pw)
 
 
+def _from_patches(x: torch.Tensor, patch: Sequence[int], grid: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`_to_patches`: ``(B, N, C * pd * ph * pw) -> (B, C, D, H, W)`` for a ``(gd, gh, gw)`` grid."""
+    b = x.shape[0]
+    (pd, ph, pw), (gd, gh, gw) = patch, grid
+    x = x.reshape(b, gd, gh, gw, -1, pd, ph, pw).permute(0, 4, 1, 5, 2, 6, 3, 7)
+    return x.reshape(b, x.shape[1], gd * pd, gh * ph, gw * pw)
+
+
 def patch_region_assignment(region_mask: torch.Tensor, patch_size: Sequence[int], num_regions: int) -> torch.Tensor:
     """Soft patch-to-region assignment: the fraction of each patch's voxels in each region.
 
@@ -314,6 +322,10 @@ class CTViT(nn.Module):
         5. Pooling and heads (bias-free linear projections to ``out_dim``): ``global`` from the mean over patches,
            ``local`` per patch, ``region`` from the assignment-weighted mean of tokens over each region's patches
            (zeros for regions absent from the volume, flagged by ``region_present``).
+        6. Optional auxiliary segmentation head (``seg_head=True``): a linear layer per token to the ``R + 1`` region
+           logits of each of the patch's voxels, reassembled into a voxel map (the "naive" decoder of SETR, Zheng
+           et al. 2021, https://arxiv.org/abs/2012.15840). Trained against the region mask, it asks the tokens to
+           know where region boundaries run inside each patch, which the patch-level assignment alone does not give.
 
     Attention implementations (``attention_impl``), all computing the same function:
         - ``"flex"``: FlexAttention with a ``score_mod`` adding the bias per score inside the kernel; compiled on
@@ -336,7 +348,8 @@ class CTViT(nn.Module):
         - ``forward``: ``(B, out_dim)`` global embedding.
         - :meth:`encode`: ``global`` ``(B, out_dim)``, ``local`` ``(B, N, out_dim)``, ``region`` ``(B, R, out_dim)``
           (row ``r - 1`` = region id ``r``), ``region_present`` ``(B, R)`` bool, ``tokens`` ``(B, N, hidden_size)``,
-          ``assignment`` ``(B, N, R + 1)`` float32, with ``N = (D / pd) (H / ph) (W / pw)``.
+          ``assignment`` ``(B, N, R + 1)`` float32, with ``N = (D / pd) (H / ph) (W / pw)``; with ``seg_head``
+          also ``seg_logits`` ``(B, R + 1, D, H, W)``.
 
     Args:
         img_size: reference ``(D, H, W)`` of the positional embedding grid. Default ``(64, 512, 512)``.
@@ -353,6 +366,7 @@ class CTViT(nn.Module):
         gradient_checkpointing: recompute each block in backward (``torch.utils.checkpoint``, non-reentrant) while
             training with gradients. Default False.
         qkv_bias: biases of the query/key/value projections. Default True.
+        seg_head: add the auxiliary segmentation head (step 6). Default False.
 
     Example::
 
@@ -377,6 +391,7 @@ class CTViT(nn.Module):
         attention_impl: str = "auto",
         gradient_checkpointing: bool = False,
         qkv_bias: bool = True,
+        seg_head: bool = False,
     ) -> None:
         super().__init__()
         self.img_size = _triple(img_size, "img_size")
@@ -415,6 +430,7 @@ class CTViT(nn.Module):
         self.global_head = nn.Linear(hidden_size, out_dim, bias=False)
         self.local_head = nn.Linear(hidden_size, out_dim, bias=False)
         self.region_head = nn.Linear(hidden_size, out_dim, bias=False)
+        self.seg_head = nn.Linear(hidden_size, (num_regions + 1) * math.prod(self.patch_size)) if seg_head else None
 
     # --------------------------------------------------------------------------------------------------- helpers
 
@@ -509,7 +525,10 @@ class CTViT(nn.Module):
         )
         log_assignment = torch.log(assignment).clamp_min(_LOG_ZERO)
         tokens = self._run_blocks(x + pos.to(x.dtype), regions.to(x.dtype), log_assignment, grid, impl)
-        return self._pool(tokens, assignment)
+        out = self._pool(tokens, assignment)
+        if self.seg_head is not None:
+            out["seg_logits"] = _from_patches(self.seg_head(tokens), self.patch_size, grid)
+        return out
 
     def _pool(self, tokens: torch.Tensor, assignment: torch.Tensor) -> dict[str, torch.Tensor]:
         mass = assignment[..., 1:].sum(1)  # (B, R): patches' worth of each region

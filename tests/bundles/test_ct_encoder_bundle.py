@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from common.data import generate_ct_report_dataset
 from tests.bundles.runner import BUNDLES
@@ -136,7 +137,10 @@ def test_inference_writes_embeddings_index_topk_and_reports_bad_input(tmp_path):
 def test_multi_gpu_train_runs_under_torchrun_on_cpu(data, tmp_path):
     torchrun_bundle(BUNDLE, "--dataset_dir", str(data), "--ckpt_dir", str(tmp_path / "models"),
                     "--output_dir", str(tmp_path / "eval"), "--max_epochs", "1", "--val_interval", "1",
-                    "--batch_size", "4")
+                    "--batch_size", "4", "--seg_weight", "1.0")
     # rank 0 alone writes checkpoints
     written = sorted(p.name for p in (tmp_path / "models").glob("*.pt"))
     assert written == ["checkpoint_checkpoint_epoch=1.pt", "model.pt"]
+    # the auxiliary segmentation head is built and saved with the encoder
+    state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=False)
+    assert "seg_head.weight" in state["model"]

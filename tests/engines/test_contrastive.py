@@ -60,6 +60,29 @@ def test_three_levels_cached_text_equals_uncached(cases, text_encoder):
     assert len(cached.trainable_parameters()) == len([p for p in cached.parameters() if p.requires_grad])
 
 
+def test_auxiliary_segmentation_level_learns_the_region_map(cases, text_encoder):
+    from monai.losses import DiceCELoss
+
+    with pytest.raises(ValueError, match="seg_head=True"):
+        ImageTextModel(ct_vit_tiny(), text_encoder, MultiLevelContrastiveLoss(), seg_loss=DiceCELoss(), seg_weight=1)
+    torch.manual_seed(0)
+    model = ImageTextModel(ct_vit_tiny(seg_head=True), text_encoder, MultiLevelContrastiveLoss(),
+                           seg_loss=DiceCELoss(to_onehot_y=True, softmax=True), seg_weight=0.5)
+    batch = collate_reports(cases)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=3e-3)
+    seg = []
+    for _ in range(15):
+        levels = model(batch["image"], batch["mask"], batch["report"])
+        others = sum(v for k, v in levels.items() if k not in ("seg", "total"))
+        torch.testing.assert_close(levels["total"], others + 0.5 * levels["seg"])
+        optimizer.zero_grad()
+        levels["total"].backward()
+        optimizer.step()
+        seg.append(float(levels["seg"]))
+    assert seg[-1] < 0.7 * seg[0], seg
+    assert "seg" not in model(batch["image"], None, batch["report"])  # no mask, no segmentation target
+
+
 def test_trainable_state_holds_the_projection_only(text_encoder):
     state = TrainableState(text_encoder)
     assert list(state.state_dict()) == ["projection.weight"]

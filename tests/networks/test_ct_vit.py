@@ -309,3 +309,18 @@ def test_region_features_use_the_mask():
         b = net.encode(volume, shuffled)
     assert not torch.allclose(a["tokens"], b["tokens"])
     assert math.isclose(float(a["assignment"][..., 1].sum()), float(b["assignment"][..., 3].sum()))
+
+
+def test_segmentation_head_maps_each_token_to_its_patch_voxels():
+    net = _net(seg_head=True)
+    volume, mask = _inputs()
+    with torch.no_grad():
+        out = net.encode(volume, mask)
+    b, r = volume.shape[0], net.num_regions
+    assert out["seg_logits"].shape == (b, r + 1, *volume.shape[2:])
+    assert "seg_logits" not in _net().encode(volume, mask)  # off by default
+    # token (0, 1, 2) of the (4, 4, 4) grid covers voxels [0:4, 16:32, 32:48]; its logits come from that token only
+    pd, ph, pw = net.patch_size
+    token = out["tokens"][:, 1 * 4 + 2]
+    expected = net.seg_head(token).reshape(b, r + 1, pd, ph, pw)
+    torch.testing.assert_close(out["seg_logits"][:, :, 0:4, 16:32, 32:48], expected)
