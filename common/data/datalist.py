@@ -24,6 +24,8 @@ __all__ = [
     "write_references",
     "select_references",
     "write_volume_list",
+    "datalist_target",
+    "write_split_datalist",
 ]
 
 logger = logging.getLogger(__name__)
@@ -291,3 +293,38 @@ def write_volume_list(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"test": items}, indent=4) + "\n")
     return out
+
+
+def datalist_target(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """``out_dir/datalist.json`` for a generator or converter to write, checked before any work is done.
+
+    Raises:
+        FileExistsError: the file exists and ``overwrite`` is False (nothing the user has is replaced unasked).
+    """
+    path = Path(out_dir) / "datalist.json"
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it.")
+    return path
+
+
+def write_split_datalist(
+    path: str | os.PathLike, header: Mapping, items: Sequence[Mapping], split: Sequence[float]
+) -> Path:
+    """Write ``header`` plus ``training``/``validation``/``test`` lists of ``items``, split in index order.
+
+    Validation and test take ``round(len(items) * fraction)`` items each (``split[1]``, ``split[2]``) and training
+    the rest, which suits independent draws such as synthetic cases. The file is written last by the generators,
+    so its presence means the data set is complete.
+    """
+    n = len(items)
+    num_val, num_test = round(n * split[1]), round(n * split[2])
+    num_train = max(n - num_val - num_test, 0)
+    datalist = {
+        **header,
+        "training": list(items[:num_train]),
+        "validation": list(items[num_train: num_train + num_val]),
+        "test": list(items[num_train + num_val:]),
+    }
+    path = Path(path)
+    path.write_text(json.dumps(datalist, indent=4) + "\n")
+    return path

@@ -12,7 +12,6 @@ low-frequency intensity variation and Gaussian noise; the structures sit inside 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 from scipy.interpolate import CubicSpline
+
+from .datalist import datalist_target, write_split_datalist
 
 __all__ = [
     "HELDOUT_CLASSES",
@@ -512,9 +513,7 @@ def generate_synthetic_3d(
     _check_classes(classes)
     _check_arguments(num_cases, shape, spacing_range, seed, split, shape_jitter)
     out_dir = Path(out_dir)
-    datalist_path = out_dir / "datalist.json"
-    if datalist_path.exists() and not overwrite:
-        raise FileExistsError(f"{datalist_path} already exists; pass overwrite=True to replace it.")
+    datalist_path = datalist_target(out_dir, overwrite)
 
     cases = []
     for case, child in enumerate(np.random.SeedSequence(int(seed)).spawn(num_cases)):
@@ -528,9 +527,7 @@ def generate_synthetic_3d(
         write_nifti(label, spacing, out_dir / entry["label"])
         cases.append(entry)
 
-    num_val, num_test = round(num_cases * split[1]), round(num_cases * split[2])
-    num_train = max(num_cases - num_val - num_test, 0)
-    datalist = {
+    header = {
         "name": "synthetic3d",
         "description": f"Synthetic CT-like volumes (HU) with {len(classes)} structure classes that vary in size, "
         "position, orientation and intensity per case; made by common.data.synthetic3d.",
@@ -538,9 +535,6 @@ def generate_synthetic_3d(
         "modality": "CT",
         "labels": {str(i + 1): c.name for i, c in enumerate(classes)},
         "heldout_labels": [c.name for c in classes if c.name in HELDOUT_CLASSES],
-        "training": cases[:num_train],
-        "validation": cases[num_train: num_train + num_val],
-        "test": cases[num_train + num_val:],
     }
-    datalist_path.write_text(json.dumps(datalist, indent=4) + "\n")  # written last: its presence means complete
+    write_split_datalist(datalist_path, header, cases, split)
     return datalist_path

@@ -24,7 +24,6 @@ the usual ``(X, Y, Z)`` arrays with a diagonal (RAS) affine: +x patient right, +
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from common.data.datalist import datalist_target, write_split_datalist
 from common.data.synthetic3d import (
     HU_INT16_RANGE,
     NOISE_STD_HU,
@@ -383,9 +383,7 @@ def generate_ct_report_dataset(
     """
     _check_arguments(num_cases, shape, seed, split)
     out_dir = Path(out_dir)
-    datalist_path = out_dir / "datalist.json"
-    if datalist_path.exists() and not overwrite:
-        raise FileExistsError(f"{datalist_path} already exists; pass overwrite=True to replace it.")
+    datalist_path = datalist_target(out_dir, overwrite)
 
     cases = []
     for case, child in enumerate(np.random.SeedSequence(int(seed)).spawn(num_cases)):
@@ -396,9 +394,7 @@ def generate_ct_report_dataset(
         write_nifti(mask, spacing, out_dir / entry["mask"])
         cases.append(entry)
 
-    num_val, num_test = round(num_cases * split[1]), round(num_cases * split[2])
-    num_train = max(num_cases - num_val - num_test, 0)
-    datalist = {
+    header = {
         "name": "synthetic_ct_reports",
         "description": f"Synthetic chest-abdomen CT (HU) with {len(CT_REGIONS)} region masks, 1-{MAX_LESIONS} lesions "
         "per case and templated findings, impression and reasoning steps; made by "
@@ -409,9 +405,5 @@ def generate_ct_report_dataset(
         "lesion_types": [k.name for k in LESION_TYPES],
         "axes": "files hold (X, Y, Z) arrays, RAS; the network takes (D, H, W) = (Z, Y, X); lesion centers are "
         "(d, h, w)",
-        "training": cases[:num_train],
-        "validation": cases[num_train: num_train + num_val],
-        "test": cases[num_train + num_val:],
     }
-    datalist_path.write_text(json.dumps(datalist, indent=4) + "\n")  # written last: its presence means complete
-    return datalist_path
+    return write_split_datalist(datalist_path, header, cases, split)

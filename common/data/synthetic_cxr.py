@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import io
-import json
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
+from .datalist import datalist_target, write_split_datalist
 from .synthetic3d import smooth_random_field
 
 __all__ = [
@@ -933,9 +933,7 @@ def generate_synthetic_cxr(
     """
     _check_generator_arguments(num_images, size, seed, split, concept_prob, write_dicom_fraction)
     out_dir = Path(out_dir)
-    datalist_path = out_dir / "datalist.json"
-    if datalist_path.exists() and not overwrite:
-        raise FileExistsError(f"{datalist_path} already exists; pass overwrite=True to replace it.")
+    datalist_path = datalist_target(out_dir, overwrite)
 
     items = []
     for index, child in enumerate(np.random.SeedSequence(int(seed)).spawn(int(num_images))):
@@ -964,9 +962,7 @@ def generate_synthetic_cxr(
             "concept_masks": concept_masks,
         })
 
-    num_val, num_test = round(num_images * split[1]), round(num_images * split[2])
-    num_train = max(num_images - num_val - num_test, 0)
-    datalist = {
+    header = {
         "name": "synthetic_cxr",
         "description": "Synthetic PA chest radiographs (dense is bright) with localised concepts, their masks and "
         "boxes, and diseases derived from the concepts by noisy rules; made by common.data.synthetic_cxr.",
@@ -975,9 +971,5 @@ def generate_synthetic_cxr(
         "concepts": list(CXR_CONCEPTS),
         "diseases": list(CXR_DISEASES),
         "lesion_classes": list(LESION_CLASSES),
-        "training": items[:num_train],
-        "validation": items[num_train: num_train + num_val],
-        "test": items[num_train + num_val:],
     }
-    datalist_path.write_text(json.dumps(datalist, indent=4) + "\n")  # written last: its presence means complete
-    return datalist_path
+    return write_split_datalist(datalist_path, header, items, split)
