@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
-from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.inferers import Inferer
 from monai.utils import CommonKeys as Keys
 from torch import nn
 
 from common.engines.prompt import unwrap
-from common.engines.steps import optimisation_step
+from common.engines.steps import StepTrainer, optimisation_step
 
 __all__ = [
     "ExplainingModel",
@@ -85,7 +84,7 @@ class PrepareBatchLabelKey:
         return image, label, (), extra
 
 
-class ConceptStageTrainer(SupervisedTrainer):
+class ConceptStageTrainer(StepTrainer):
     """``SupervisedTrainer`` for one of CSR's three training stages.
 
     The network must be an :class:`ExplainingModel` (possibly in DDP) around a ``CSRNet`` frozen for ``stage``.
@@ -100,24 +99,18 @@ class ConceptStageTrainer(SupervisedTrainer):
         concept_key: batch key of the ``(B, K)`` concept labels. Default ``"concepts"``.
         task_key: batch key of the ``(B, C)`` task labels. Default ``"diseases"``.
         concept_loss, prototype_loss, task_loss: the loss of each stage; the one of ``stage`` is required.
-        Others as ``monai.engines.SupervisedTrainer``.
+        Others as ``monai.engines.SupervisedTrainer`` (AMP on CUDA only, see :class:`StepTrainer`).
     """
 
     def __init__(
         self,
-        device: torch.device | str,
-        max_epochs: int,
-        train_data_loader,
-        network: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        *args,
         stage: int,
         concept_loss: Callable | None = None,
         prototype_loss: Callable | None = None,
         task_loss: Callable | None = None,
         concept_key: str = "concepts",
         task_key: str = "diseases",
-        train_handlers: Sequence | None = None,
-        amp: bool = False,
         **kwargs,
     ) -> None:
         losses = {1: concept_loss, 2: prototype_loss, 3: task_loss}
@@ -125,17 +118,7 @@ class ConceptStageTrainer(SupervisedTrainer):
             raise ValueError(f"stage should be 1, 2 or 3, got {stage}.")
         if losses[stage] is None:
             raise ValueError(f"stage {stage} needs its loss ({['concept', 'prototype', 'task'][stage - 1]}_loss).")
-        super().__init__(
-            device=device,
-            max_epochs=max_epochs,
-            train_data_loader=train_data_loader,
-            network=network,
-            optimizer=optimizer,
-            loss_function=losses[stage],
-            train_handlers=train_handlers,
-            amp=amp,
-            **kwargs,
-        )
+        super().__init__(*args, loss_function=losses[stage], **kwargs)
         self.stage = stage
         self.concept_key = concept_key
         self.task_key = task_key

@@ -6,7 +6,6 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
-from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.inferers import Inferer
 from monai.utils import CommonKeys as Keys
@@ -14,7 +13,7 @@ from torch import nn
 
 from common.data.ct_rate import report_text_batch
 from common.engines.prompt import unwrap
-from common.engines.steps import optimisation_step
+from common.engines.steps import StepTrainer, optimisation_step
 
 __all__ = [
     "ContrastiveTrainer",
@@ -192,7 +191,7 @@ class EncodingInferer(Inferer):
         return {k: out[k] for k in self.outputs}
 
 
-class ContrastiveTrainer(SupervisedTrainer):
+class ContrastiveTrainer(StepTrainer):
     """``SupervisedTrainer`` step for :class:`ImageTextModel` (possibly inside DDP): the network's forward gives the
     loss levels, whose ``total`` is back-propagated; AMP (autocast + gradient scaling) on CUDA only.
 
@@ -206,22 +205,8 @@ class ContrastiveTrainer(SupervisedTrainer):
         Others as ``monai.engines.SupervisedTrainer`` (no ``loss_function``: the loss is inside the network).
     """
 
-    def __init__(
-        self,
-        device: torch.device | str,
-        max_epochs: int,
-        train_data_loader,
-        network: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        mask_key: str = "mask",
-        report_key: str = "report",
-        train_handlers: Sequence | None = None,
-        amp: bool = False,
-        **kwargs,
-    ) -> None:
-        amp = bool(amp) and torch.device(device).type == "cuda"
-        super().__init__(device=device, max_epochs=max_epochs, train_data_loader=train_data_loader, network=network,
-                         optimizer=optimizer, loss_function=None, train_handlers=train_handlers, amp=amp, **kwargs)
+    def __init__(self, *args, mask_key: str = "mask", report_key: str = "report", **kwargs) -> None:
+        super().__init__(*args, loss_function=None, **kwargs)
         self.mask_key = mask_key
         self.report_key = report_key
 

@@ -1,4 +1,4 @@
-"""The optimisation step shared by the collection's custom MONAI trainers."""
+"""The base and the optimisation step shared by the collection's custom MONAI trainers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 
-__all__ = ["optimisation_step"]
+__all__ = ["StepTrainer", "optimisation_step"]
 
 
 def optimisation_step(engine: SupervisedTrainer, compute: Callable[[], None]) -> None:
@@ -34,3 +34,14 @@ def optimisation_step(engine: SupervisedTrainer, compute: Callable[[], None]) ->
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         engine.optimizer.step()
     engine.fire_event(IterationEvents.MODEL_COMPLETED)
+
+
+class StepTrainer(SupervisedTrainer):
+    """``SupervisedTrainer`` for trainers whose ``_iteration`` runs :func:`optimisation_step`; AMP (autocast and
+    gradient scaling) is used on CUDA only, whatever ``amp`` says, so one config serves both devices.
+
+    Args: as ``monai.engines.SupervisedTrainer``.
+    """
+
+    def __init__(self, device: torch.device | str, *args, amp: bool = False, **kwargs) -> None:
+        super().__init__(device, *args, amp=bool(amp) and torch.device(device).type == "cuda", **kwargs)
