@@ -17,6 +17,7 @@ __all__ = [
     "ReferenceSet",
     "load_datalist",
     "load_datalists",
+    "resolve_item_paths",
     "list_images",
     "load_references",
     "references_from_datalist",
@@ -73,6 +74,19 @@ def _resolve(base: Path, value: str) -> str:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
+def resolve_item_paths(item: Mapping, base: str | os.PathLike) -> dict:
+    """A copy of a datalist item whose relative paths (:data:`PATH_KEYS` values and :data:`PATH_MAP_KEYS` mappings'
+    values) are made absolute against ``base``."""
+    item, base = dict(item), Path(base)
+    for k in PATH_KEYS:
+        if isinstance(item.get(k), str):
+            item[k] = _resolve(base, item[k])
+    for k in PATH_MAP_KEYS:
+        if isinstance(item.get(k), Mapping):
+            item[k] = {name: _resolve(base, v) for name, v in item[k].items()}
+    return item
+
+
 def load_datalist(path: str | os.PathLike, key: str = "training", drop_heldout: bool = False) -> list[dict]:
     """Items of one split of a decathlon-style datalist, with absolute paths.
 
@@ -98,12 +112,7 @@ def load_datalist(path: str | os.PathLike, key: str = "training", drop_heldout: 
         entry = {"image": entry} if isinstance(entry, str) else dict(entry)
         if "image" not in entry:
             raise ValueError(f"{path}: item {i} of '{key}' has no 'image'.")
-        for k in PATH_KEYS:
-            if isinstance(entry.get(k), str):
-                entry[k] = _resolve(path.parent, entry[k])
-        for k in PATH_MAP_KEYS:
-            if isinstance(entry.get(k), Mapping):
-                entry[k] = {name: _resolve(path.parent, v) for name, v in entry[k].items()}
+        entry = resolve_item_paths(entry, path.parent)
         entry.setdefault("dataset", data.get("name", path.stem))
         entry.setdefault("class_names", class_names)
         items.append(entry)

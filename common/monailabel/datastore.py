@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from common.data.datalist import PATH_KEYS, PATH_MAP_KEYS
+from common.data.datalist import resolve_item_paths
 
 __all__ = ["LABELS_DIR", "JsonLabels", "YoloLabels", "image_size", "label_file"]
 
@@ -60,13 +60,6 @@ def _nrrd_shape(path: str) -> tuple[int, ...]:
     import nrrd
 
     return tuple(nrrd.read_header(path)["sizes"])
-
-
-def _resolve(base: Path, value: Any) -> Any:
-    if not isinstance(value, str):
-        return value
-    p = Path(os.path.expanduser(value))
-    return str(p if p.is_absolute() else (base / p).resolve())
 
 
 def _multi_hot(value: Any, names: Sequence[str], field: str, source: Path) -> list[int]:
@@ -114,14 +107,8 @@ class JsonLabels:
             raise ValueError(f"{path}: not valid JSON ({e}).") from e
         if not isinstance(fields, dict) or any(k not in fields for k in self.required):
             return None
-        base = path.parents[2]  # the studies folder
-        item = {k: v for k, v in fields.items() if k != "image"}
-        for key in PATH_KEYS:
-            if key in item:
-                item[key] = _resolve(base, item[key])
-        for key in PATH_MAP_KEYS:
-            if isinstance(item.get(key), Mapping):
-                item[key] = {k: _resolve(base, v) for k, v in item[key].items()}
+        fields.pop("image", None)
+        item = resolve_item_paths(fields, path.parents[2])  # relative to the studies folder
         for key, names in self.vectors.items():
             if key in item:
                 item[key] = _multi_hot(item[key], names, key, path)

@@ -25,6 +25,8 @@ import numpy
 from monai.bundle import ConfigWorkflow
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from common.monailabel.metadata import read_metadata
+
 __all__ = ["BundleWorkflowInferTask"]
 
 logger = logging.getLogger(__name__)
@@ -57,8 +59,7 @@ class BundleWorkflowInferTask(InferTask):
         request_ids: Sequence[str] = (),
         is_label: bool = False,
     ):
-        with open(os.path.join(path, "configs", "metadata.json")) as f:
-            metadata = json.load(f)
+        metadata = read_metadata(path)
         super().__init__(
             type=type,
             labels=labels,
