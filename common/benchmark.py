@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from common.bundle.args import as_bool
 from common.networks import iris_full, iris_small
 
 __all__ = ["benchmark_iris", "benchmark_csr"]
@@ -39,6 +40,7 @@ def benchmark_iris(
     """
     if size not in IRIS_SIZES:
         raise ValueError(f"size should be one of {sorted(IRIS_SIZES)}, got {size}.")
+    train, amp = as_bool(train, "train"), as_bool(amp, "amp")
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device)
@@ -102,6 +104,7 @@ def benchmark_csr(
     """Images/s and peak memory of CSR's ``explain`` (or a stage-1 training step) at one batch size and device."""
     from common.networks import CSRNet
 
+    train, amp = as_bool(train, "train"), as_bool(amp, "amp")
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device)

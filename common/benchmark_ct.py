@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
+from common.bundle.args import as_bool
 from common.networks import ct_vit_base, ct_vit_small, ct_vit_tiny
 
 __all__ = ["CT_VIT_SIZES", "benchmark_ct"]
@@ -108,6 +109,7 @@ def benchmark_ct(
     Returns:
         ``{"results": [one dict per size and device]}``.
     """
+    train, amp = as_bool(train, "train"), as_bool(amp, "amp")
     sizes = size.split(",") if isinstance(size, str) else list(size)
     devices = device.split(",") if isinstance(device, str) else list(device)
     unknown = [s for s in sizes if s not in CT_VIT_SIZES]

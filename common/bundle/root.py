@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import ast
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from common.bundle.args import config_files, parse_overrides
 
 __all__ = ["bundle_root"]
 
@@ -27,17 +28,8 @@ def bundle_root(default: str = ".", argv: Sequence[str] | None = None) -> str:
         The folder holding the first config file's ``configs/`` folder (or the config's own folder when it is
         not named ``configs``), as given on the command line (relative paths stay relative).
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    value = None
-    for i, arg in enumerate(argv):
-        if arg == "--config_file" and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif arg.startswith("--config_file="):
-            value = arg.split("=", 1)[1]
-        if value is not None:
-            break
+    value = parse_overrides(sys.argv[1:] if argv is None else argv).get("config_file")
     if not value:
         return default
-    files = ast.literal_eval(value) if value.lstrip().startswith(("[", "(")) else value.split(",")
-    folder = Path(str(files[0]).strip()).parent
+    folder = Path(config_files(value)[0]).parent
     return str(folder.parent if folder.name == "configs" else folder)

@@ -26,7 +26,7 @@ from .datalist import (
 from .dicom import DicomReader, read_dicom
 from .episodes import EpisodeDataset
 from .mni152 import MNI152_CLASSES, MNI152_SOURCE, build_mni152_task, mni152_label_map
-from .robust import ERROR_KEY, SOURCE_KEY, ErrorTolerantDataset, root_cause
+from .robust import ERROR_KEY, SKIPPED_KEY, SOURCE_KEY, ErrorTolerantDataset, root_cause
 from .synthetic_ct_reports import (
     CT_REGIONS,
     LESION_TYPES,

@@ -6,18 +6,27 @@ import logging
 from collections.abc import Mapping
 
 from monai.data import Dataset
+from monai.data.utils import create_file_basename
 
-__all__ = ["ErrorTolerantDataset", "root_cause", "ERROR_KEY", "SOURCE_KEY"]
+__all__ = ["ErrorTolerantDataset", "root_cause", "ERROR_KEY", "SOURCE_KEY", "SKIPPED_KEY"]
 
 ERROR_KEY = "error"
 SOURCE_KEY = "source"
+# set on items refused because their outputs exist (``overwrite`` off): listed as skipped, not as failures
+SKIPPED_KEY = "skipped"
 logger = logging.getLogger(__name__)
 
 
-def root_cause(e: BaseException) -> str:
+def innermost(e: BaseException) -> BaseException:
     """The innermost cause of an exception chain (MONAI wraps transform errors several times)."""
     while e.__cause__ is not None:
         e = e.__cause__
+    return e
+
+
+def root_cause(e: BaseException) -> str:
+    """``Type: message`` of the innermost cause of an exception chain."""
+    e = innermost(e)
     return f"{type(e).__name__}: {e}"
 
 
@@ -26,14 +35,40 @@ class ErrorTolerantDataset(Dataset):
 
     The message names the item's file and the innermost error, so engines can log and report the case and go on
     with the next one. Use with batch size 1 so a failure never takes good cases of its batch with it.
+
+    Outputs are named after the input's file name (``x.png`` -> ``x_<postfix>``), so two inputs with one name
+    (``a/x.nii.gz`` and ``b/x.nii.gz``, or ``x.png`` beside ``x.dcm``) would write the same files: the second and
+    later ones fail, naming the input whose outputs they would replace, instead of silently replacing them.
     """
+
+    def __init__(self, data, transform=None) -> None:
+        super().__init__(data, transform)
+        first: dict[str, str] = {}
+        self.clashes: dict[int, str] = {}
+        for index, item in enumerate(self.data):
+            source = item.get("image") if isinstance(item, Mapping) else None
+            if not isinstance(source, str):
+                continue
+            name = create_file_basename("", source, ".", separate_folder=False)
+            if name in first and first[name] != source:
+                self.clashes[index] = first[name]
+            first.setdefault(name, source)
 
     def _transform(self, index: int):
         item = self.data[index]
+        if index in self.clashes:
+            source = str(item["image"])
+            message = (f"{source}: its outputs would have the names of those of {self.clashes[index]} in this run; "
+                       "rename one of the two files or run them into different output folders.")
+            logger.error("skipping case: %s", message)
+            return {ERROR_KEY: message, SOURCE_KEY: source}
         try:
             return super()._transform(index)
         except Exception as e:
             source = str(item.get("image", index)) if isinstance(item, Mapping) else str(index)
             message = f"{source}: {root_cause(e)}"
+            if isinstance(innermost(e), FileExistsError):  # outputs exist and overwrite is off: nothing went wrong
+                logger.warning("skipping case: %s", message)
+                return {ERROR_KEY: message, SOURCE_KEY: source, SKIPPED_KEY: True}
             logger.error("skipping case: %s", message)
             return {ERROR_KEY: message, SOURCE_KEY: source}

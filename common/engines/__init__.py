@@ -32,5 +32,5 @@ from .evaluation import evaluate_strategies, per_class_dice_table
 from .evaluator import InContextEvaluator, labels_to_class_channels
 from .prompt import STRATEGIES, InContextPrompt, unwrap
 from .retrieval import RetrievalEvaluator, evaluate_retrieval
-from .robust import RobustEvaluator
+from .robust import CasesFailedError, RobustEvaluator
 from .yolo import UltralyticsTrainer, ultralytics_device

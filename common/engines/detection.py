@@ -18,6 +18,7 @@ from monai.inferers import Inferer
 from monai.utils import look_up_option
 from torchvision.ops import batched_nms
 
+from common.bundle.args import as_bool
 from common.data.vindr import fuse_boxes_wbf
 
 __all__ = [
@@ -177,9 +178,9 @@ class YOLODetectionInferer(Inferer):
             raise ValueError(f"tta_scales should be positive numbers, got {tta_scales}.")
         self.image_size, self.stride = int(image_size), int(stride)
         self.conf_threshold, self.iou_threshold = float(conf_threshold), float(iou_threshold)
-        self.max_detections, self.class_agnostic = int(max_detections), bool(class_agnostic)
+        self.max_detections, self.class_agnostic = int(max_detections), as_bool(class_agnostic, "class_agnostic")
         self.sizes = sorted({max(stride, round(image_size * s / stride) * stride) for s in tta_scales})
-        self.flips = (False, True) if tta_flip else (False,)
+        self.flips = (False, True) if as_bool(tta_flip, "tta_flip") else (False,)
         self.tta_merge = look_up_option(tta_merge, TTA_MERGE)
         self.wbf_iou_threshold = float(wbf_iou_threshold)
         self.pad_value = float(pad_value)

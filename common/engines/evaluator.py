@@ -33,7 +33,7 @@ class InContextEvaluator(RobustEvaluator):
     so any MONAI inferer (simple, sliding window) applies. A query label map, when present, becomes one binary
     channel per prompt class, in the prompt's class order, for metrics.
 
-    Failed cases are handled as in :class:`RobustEvaluator`.
+    Failed cases are handled as in :class:`RobustEvaluator` (``fail_on_errors`` as there).
 
     Args:
         prompt: the classes and strategy.
@@ -58,8 +58,10 @@ class InContextEvaluator(RobustEvaluator):
         amp: bool = False,
         mode: ForwardMode | str = ForwardMode.EVAL,
         amp_kwargs: dict | None = None,
+        fail_on_errors: bool = True,
     ) -> None:
         super().__init__(
+            fail_on_errors=fail_on_errors,
             device=device,
             val_data_loader=val_data_loader,
             network=network,

@@ -3,10 +3,13 @@ from __future__ import annotations
 import glob
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
+
+from common.bundle.args import as_bool, user_error
 
 __all__ = ["ResumableCheckpoint", "latest_checkpoint"]
 
@@ -32,6 +35,10 @@ class ResumableCheckpoint:
         save: write checkpoints (only rank 0 should, under DDP; every rank loads).
         save_interval: epochs between saves. Default 1.
         file_prefix: checkpoint file prefix. Default ``checkpoint``.
+        outputs: other files of ``save_dir`` the run writes (its best-model file, e.g. ``model.pt``).
+        overwrite: a run that does not resume refuses to start when ``save_dir`` holds ``outputs`` or checkpoints
+            it did not write (the bundle's shipped ``models/model.pt`` above all), unless this is set.
+            Default False.
     """
 
     def __init__(
@@ -42,15 +49,21 @@ class ResumableCheckpoint:
         save: bool = True,
         save_interval: int = 1,
         file_prefix: str = "checkpoint",
+        outputs: Sequence[str] = (),
+        overwrite: bool = False,
     ) -> None:
         self.save_dir = str(save_dir)
         self.save_dict = dict(save_dict)
-        self.resume = resume
+        self.resume = as_bool(resume, "resume")
         self.save = save
         self.save_interval = save_interval
         self.file_prefix = file_prefix
+        self.outputs = [str(o) for o in outputs]
+        self.overwrite = as_bool(overwrite, "overwrite")
 
     def attach(self, engine: Engine) -> None:
+        if self.save and not self.resume and not self.overwrite:  # checked as training starts, not when it is built
+            engine.add_event_handler(Events.STARTED, self._refuse_existing)
         save_dict = {**self.save_dict, "trainer": engine}
         if self.resume:
             path = latest_checkpoint(self.save_dir, self.file_prefix)
@@ -68,3 +81,12 @@ class ResumableCheckpoint:
             n_saved=1,
             epoch_level=True,
         ).attach(engine)
+
+    def _refuse_existing(self, engine: Engine) -> None:
+        folder = Path(self.save_dir)
+        existing = [str(folder / o) for o in self.outputs if (folder / o).exists()]
+        existing += sorted(glob.glob(str(folder / f"{self.file_prefix}_*.pt")))
+        if existing:
+            raise user_error(
+                f"{self.save_dir} already holds {', '.join(existing)}; training would replace them. Choose another "
+                "--ckpt_dir, continue that run with --resume true, or pass --overwrite true.", FileExistsError)

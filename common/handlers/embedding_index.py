@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import logging
 import os
 from collections.abc import Sequence
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from torch import nn
 
+from common.bundle.args import as_bool
 from common.engines.contrastive import embed_texts
 
 __all__ = ["EmbeddingIndexWriter"]
@@ -28,8 +30,9 @@ class EmbeddingIndexWriter:
     - ``<topk_name>``: for each text query its ``top_k`` volumes by cosine similarity of the global embeddings,
       ``[{"query", "top_k": [{"case", "source", "score"}, ...]}, ...]``.
 
-    Existing outputs are refused at the start of the run unless ``overwrite``. Needs the engine output after
-    post-processing (one dict per case with ``pred`` and ``embedding_files``).
+    Existing outputs are kept unless ``overwrite``: a run whose cases were all skipped writes nothing, and one
+    that completed new cases writes its index and answers beside them as ``<name>_<time>.json``. Needs the engine
+    output after post-processing (one dict per case with ``pred`` and ``embedding_files``).
 
     Args:
         output_dir: output folder.
@@ -65,7 +68,7 @@ class EmbeddingIndexWriter:
         self.queries = queries
         self.top_k = top_k
         self.region_names = list(region_names) if region_names is not None else None
-        self.overwrite = overwrite
+        self.overwrite = as_bool(overwrite, "overwrite")
         self.paths = {"index": self.output_dir / index_name, "topk": self.output_dir / topk_name}
         self.cases: list[dict] = []
         self.embeddings: list[torch.Tensor] = []
@@ -76,10 +79,7 @@ class EmbeddingIndexWriter:
         engine.add_event_handler(Events.COMPLETED, self._write)
 
     def _started(self, engine: Engine) -> None:
-        existing = [str(p) for p in self.paths.values() if p.exists()]
-        if existing and not self.overwrite:
-            raise FileExistsError(f"outputs already exist ({', '.join(existing)}); set overwrite to true to replace "
-                                  "them.")
+        self.kept = [str(p) for p in self.paths.values() if p.exists()] if not self.overwrite else []
         self.cases, self.embeddings = [], []
 
     def _collect(self, engine: Engine) -> None:
@@ -111,10 +111,17 @@ class EmbeddingIndexWriter:
                 for q, vals, idx in zip(self.queries, top.values, top.indices)]
 
     def _write(self, engine: Engine) -> None:
+        paths = self.paths
+        if self.kept:  # an earlier run's index stays as it is; this run's cases, if any, get files of their own
+            logger.warning("kept %s (set overwrite to true to replace them)", ", ".join(self.kept))
+            if not self.cases:
+                return
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            paths = {k: p.with_name(f"{p.stem}_{stamp}{p.suffix}") for k, p in paths.items()}
         self.output_dir.mkdir(parents=True, exist_ok=True)
         dim = int(self.embeddings[0].numel()) if self.embeddings else None
         index = {"embedding_dim": dim, "regions": self.region_names, "cases": self.cases}
-        self.paths["index"].write_text(json.dumps(index, indent=4) + "\n")
-        self.paths["topk"].write_text(json.dumps(self._answers(), indent=4) + "\n")
+        paths["index"].write_text(json.dumps(index, indent=4) + "\n")
+        paths["topk"].write_text(json.dumps(self._answers(), indent=4) + "\n")
         logger.info("embeddings of %d case(s) indexed in %s; %d text queries answered in %s", len(self.cases),
-                    self.paths["index"], len(self.queries), self.paths["topk"])
+                    paths["index"], len(self.queries), paths["topk"])

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.loss import _Loss
 
+from common.bundle.args import as_bool
+
 __all__ = ["MultiLevelContrastiveLoss", "SymmetricInfoNCE"]
 
 
@@ -63,7 +65,7 @@ class SymmetricInfoNCE(_Loss):
             )
         self.log_bounds = (math.log(min_temperature), math.log(max_temperature))
         log_tau = torch.tensor(math.log(temperature))
-        if learnable:
+        if as_bool(learnable, "learnable"):
             self.log_temperature = nn.Parameter(log_tau)
         else:
             self.register_buffer("log_temperature", log_tau)

@@ -19,6 +19,8 @@ from monai.utils import look_up_option
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from common.bundle.args import as_bool
+
 try:  # FlexAttention appeared in torch 2.5
     from torch.nn.attention.flex_attention import flex_attention as _flex_attention
 except ImportError:  # pragma: no cover - the pinned torch has it
@@ -430,7 +432,10 @@ class CTViT(nn.Module):
         self.global_head = nn.Linear(hidden_size, out_dim, bias=False)
         self.local_head = nn.Linear(hidden_size, out_dim, bias=False)
         self.region_head = nn.Linear(hidden_size, out_dim, bias=False)
-        self.seg_head = nn.Linear(hidden_size, (num_regions + 1) * math.prod(self.patch_size)) if seg_head else None
+        self.seg_head = (
+            nn.Linear(hidden_size, (num_regions + 1) * math.prod(self.patch_size))
+            if as_bool(seg_head, "seg_head") else None
+        )
 
     # --------------------------------------------------------------------------------------------------- helpers
 

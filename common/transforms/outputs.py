@@ -13,6 +13,7 @@ from monai.config import KeysCollection
 from monai.data import FolderLayout
 from monai.transforms import MapTransform
 
+from common.bundle.args import as_bool
 from common.transforms.labels import class_values
 from common.transforms.validation import source_name
 from common.visualize.preview import save_orthogonal_preview
@@ -50,7 +51,7 @@ class CheckOutputsd(MapTransform):
         super().__init__(keys, allow_missing_keys)
         self.output_dir = output_dir
         self.outputs = [tuple(o) for o in outputs]
-        self.overwrite = overwrite
+        self.overwrite = as_bool(overwrite, "overwrite")
 
     def __call__(self, data: Mapping[Hashable, str]) -> dict[Hashable, str]:
         d = dict(data)

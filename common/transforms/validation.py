@@ -19,13 +19,19 @@ class ValidateImaged(MapTransform):
     """Reject images a model cannot use, naming the file and the problem.
 
     Checks, per key, a channel-first array: ``spatial_dims`` spatial axes (a 2D slice where a 3D volume is needed is
-    refused), at least ``min_size`` voxels per axis, the expected channel count, and only finite values.
+    refused), at least ``min_size`` voxels per axis, the expected channel count, only finite values, not one constant
+    value (an all-air or blank image gives a model nothing to read, yet it would answer with confidence), and, for
+    DICOM input, a ``Modality`` tag among ``modalities`` (a CT slice given to a radiograph model). Placed again after
+    resampling with a larger ``min_size``, it refuses volumes that vanish on the model's grid (a thin slab).
 
     Args:
         keys: keys to check.
         spatial_dims: required number of spatial axes. Default 3.
         channels: required channel count, or None for any. Default 1.
         min_size: smallest size of each spatial axis, or one per axis (e.g. a network's patch size). Default 2.
+        reject_constant: refuse images whose voxels all have one value. Default True.
+        modalities: DICOM ``Modality`` values accepted (e.g. ``["CR", "DX"]``); None accepts any, and inputs
+            without the tag (NIfTI, PNG) are not checked. Default None.
         allow_missing_keys: skip absent keys.
     """
 
@@ -35,12 +41,16 @@ class ValidateImaged(MapTransform):
         spatial_dims: int = 3,
         channels: int | None = 1,
         min_size: int | Sequence[int] = 2,
+        reject_constant: bool = True,
+        modalities: Sequence[str] | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.spatial_dims = spatial_dims
         self.channels = channels
         self.min_size = min_size
+        self.reject_constant = reject_constant
+        self.modalities = None if modalities is None else [str(m).upper() for m in modalities]
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -65,6 +75,14 @@ class ValidateImaged(MapTransform):
             if not bool(finite.all()):
                 bad = int((~finite).sum())
                 raise ValueError(f"{name}: image has {bad} non-finite voxel(s) (NaN or Inf).")
+            values = torch.as_tensor(img)
+            if self.reject_constant and bool(values.max() == values.min()):
+                raise ValueError(f"{name}: every voxel has the value {float(values.max()):g}; a constant image holds "
+                                 "nothing to read.")
+            modality = str((getattr(img, "meta", None) or {}).get("Modality", "") or "").upper()
+            if self.modalities is not None and modality and modality not in self.modalities:
+                raise ValueError(f"{name}: DICOM modality {modality}, but this model reads "
+                                 f"{'/'.join(self.modalities)} images.")
         return d
 
 

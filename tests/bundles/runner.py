@@ -38,3 +38,20 @@ def torchrun_bundle(bundle: Path, *args: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stderr[-5000:]}"
     return proc
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``folder`` with its bytes and modification time, to show a run left them untouched."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_kept(before: dict[str, tuple[bytes, int]], folder: Path) -> None:
+    """The files of ``before`` are still in ``folder``, byte-identical and with their modification times; the earlier
+    run's ``run_report.json`` may only have moved aside (``run_report_<time>.json``), with the same bytes."""
+    after = snapshot(folder)
+    changed = [name for name, data in before.items() if after.get(name) != data and name != "run_report.json"]
+    assert not changed, f"replaced or removed: {changed}"
+    if "run_report.json" in before:
+        kept = [data[0] for name, data in after.items() if name.startswith("run_report_")]
+        assert before["run_report.json"][0] in kept, "the earlier run report was lost"

@@ -11,7 +11,7 @@ from monai.handlers import MeanDice, from_engine
 from monai.transforms import Activationsd, AsDiscreted, Compose, EnsureChannelFirstd, LoadImaged, Resized
 
 from common.data import ErrorTolerantDataset, write_nifti
-from common.engines import InContextEvaluator, InContextPrompt, labels_to_class_channels
+from common.engines import CasesFailedError, InContextEvaluator, InContextPrompt, labels_to_class_channels
 from common.networks import iris_small
 
 KEYS = ["image", "label"]
@@ -99,7 +99,9 @@ def test_run_skips_a_corrupt_case_and_scores_the_rest(cases, net):
     prompt = InContextPrompt(references=cases["references"], preprocessing=_preprocessing())
     data = [cases["good"][0], cases["corrupt"], cases["good"][1]]
     evaluator = _evaluator(net, prompt, data)
-    evaluator.run()
+    # the run completes the good cases and every handler, then raises naming the failed file
+    with pytest.raises(CasesFailedError, match="1 case\\(s\\) failed, 2 completed"):
+        evaluator.run()
     state = evaluator.state
     assert len(state.case_failures) == 1
     assert state.case_failures[0]["source"] == cases["corrupt"]["image"]

@@ -262,7 +262,7 @@ def test_case_report_writer(tmp_path, caplog, sources, failures):
     with caplog.at_level(logging.INFO, logger="common.handlers.case_report"):
         engine.run([0])
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report == {"completed": sources, "failed": failures, "classes": ["liver"]}
+    assert report == {"completed": sources, "skipped": [], "failed": failures, "classes": ["liver"]}
     if failures:
         assert "1 case(s) failed, 1 completed" in caplog.text and "truncated" in caplog.text
     else:
@@ -273,7 +273,19 @@ def test_case_report_writer_on_a_plain_engine(tmp_path):
     engine = Engine(lambda e, b: None)
     CaseReportWriter(tmp_path).attach(engine)
     engine.run([0])
-    assert json.loads((tmp_path / "run_report.json").read_text()) == {"completed": [], "failed": [], "classes": []}
+    report = json.loads((tmp_path / "run_report.json").read_text())
+    assert report == {"completed": [], "skipped": [], "failed": [], "classes": []}
+
+
+def test_case_report_writer_keeps_earlier_reports(tmp_path):
+    earlier = tmp_path / "run_report.json"
+    earlier.write_text("earlier run")
+    engine = Engine(lambda e, b: None)
+    CaseReportWriter(tmp_path).attach(engine)
+    engine.run([0])
+    kept = [p for p in tmp_path.glob("run_report_*.json")]
+    assert len(kept) == 1 and kept[0].read_text() == "earlier run"
+    assert json.loads(earlier.read_text())["completed"] == []
 
 
 def test_case_report_writer_reports_a_run_that_stops(tmp_path):
@@ -289,3 +301,14 @@ def test_case_report_writer_reports_a_run_that_stops(tmp_path):
     with pytest.raises(RuntimeError, match="all 1 case"):
         engine.run([0])
     assert json.loads((tmp_path / "run_report.json").read_text())["failed"] == [failure]
+
+
+def test_case_report_writer_refuses_an_unwritable_folder_before_any_case(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")  # a folder below a file can never be made, whoever runs the test
+    steps = []
+    engine = Engine(lambda e, b: steps.append(b))
+    CaseReportWriter(blocker / "out").attach(engine)
+    with pytest.raises(PermissionError, match=f"output folder {blocker / 'out'} is not writable"):
+        engine.run([0, 1])
+    assert steps == []

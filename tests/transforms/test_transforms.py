@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -150,7 +151,7 @@ def test_validate_passes_good_images(kwargs, shape):
 
 
 def test_validate_checks_every_key():
-    data = {"image": _meta(torch.zeros(1, 8, 8, 8)), "label": _meta(torch.zeros(1, 8, 8), source="/l/seg.nii.gz")}
+    data = {"image": _meta(torch.rand(1, 8, 8, 8)), "label": _meta(torch.zeros(1, 8, 8), source="/l/seg.nii.gz")}
     with pytest.raises(ValueError, match="seg.nii.gz"):
         ValidateImaged(["image", "label"])(data)
     ValidateImaged(["image", "extra"], allow_missing_keys=True)(data)
@@ -255,3 +256,22 @@ def test_segmentation_summary_with_a_class_map(tmp_path):
     summary = json.loads((tmp_path / "nested" / "patient_07_volumes.json").read_text())
     assert summary["classes"] == {"organ": {"label_value": 1, "voxels": 8, "volume_ml": pytest.approx(0.008)}}
     assert "strategy" not in summary
+
+
+@pytest.mark.parametrize("value", [-1000.0, 0.0, 1e9])
+def test_validate_rejects_constant_images(value):
+    with pytest.raises(ValueError, match=re.escape(f"every voxel has the value {value:g}; a constant image")) as error:
+        ValidateImaged("image")({"image": _meta(torch.full((1, 8, 8, 8), value))})
+    assert str(error.value).startswith(SOURCE)
+    ValidateImaged("image", reject_constant=False)({"image": _meta(torch.full((1, 8, 8, 8), value))})
+
+
+def test_validate_checks_the_dicom_modality():
+    ct_slice = _meta(torch.rand(1, 16, 16))
+    ct_slice.meta["Modality"] = "CT"
+    with pytest.raises(ValueError, match="DICOM modality CT, but this model reads CR/DX images"):
+        ValidateImaged("image", spatial_dims=2, modalities=["cr", "DX"])({"image": ct_slice})
+    ct_slice.meta["Modality"] = "DX"
+    ValidateImaged("image", spatial_dims=2, modalities=["CR", "DX"])({"image": ct_slice})
+    ct_slice.meta["Modality"] = ""  # PNG and NIfTI inputs carry no modality: not checked
+    ValidateImaged("image", spatial_dims=2, modalities=["CR", "DX"])({"image": ct_slice})
