@@ -23,7 +23,7 @@ from .datalist import (
     write_references,
     write_volume_list,
 )
-from .dicom import DicomReader, read_dicom
+from .dicom import DicomReader, dicom_series_files, is_dicom_file, is_dicom_series, read_dicom
 from .episodes import EpisodeDataset
 from .mni152 import MNI152_CLASSES, MNI152_SOURCE, build_mni152_task, mni152_label_map
 from .robust import ERROR_KEY, SKIPPED_KEY, SOURCE_KEY, ErrorTolerantDataset, root_cause
@@ -66,4 +66,5 @@ from .vindr import (
     convert_vindr_detection,
     fuse_boxes_wbf,
 )
+from .volume import VOLUME_SUFFIXES, VolumeReader
 from .yolo_dataset import write_yolo_data_yaml, write_yolo_split

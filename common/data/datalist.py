@@ -13,6 +13,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from common.bundle.args import as_bool
+from common.data.dicom import is_dicom_file, is_dicom_series
+
 __all__ = [
     "ReferenceSet",
     "load_datalist",
@@ -35,7 +38,9 @@ logger = logging.getLogger(__name__)
 PATH_KEYS = ("image", "label", "roi", "mask")
 PATH_MAP_KEYS = ("concept_masks",)
 
-IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+# files a folder expands to (DICOM files without a suffix are found by their preamble); ".raw" data files that
+# ".mhd"/".nhdr" headers name are read through their header
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".png", ".jpg", ".jpeg", ".bmp")
 
 
 @dataclass
@@ -104,7 +109,7 @@ def load_datalist(path: str | os.PathLike, key: str = "training", drop_heldout: 
     if key not in data:
         splits = [k for k, v in data.items() if isinstance(v, list)]
         raise KeyError(f"{path}: no '{key}' split; splits present: {splits}.")
-    heldout = set(data.get("heldout_labels", [])) if drop_heldout else set()
+    heldout = set(data.get("heldout_labels", [])) if as_bool(drop_heldout, "drop_heldout") else set()
     # not "label_*": MONAI's Spacingd merges NIfTI headers into every "label_*" key of a dict
     class_names = {str(k): str(v) for k, v in data.get("labels", {}).items() if str(k) != "0" and v not in heldout}
     items = []
@@ -128,11 +133,36 @@ def load_datalists(
     return [item for p in paths for item in load_datalist(p, key, drop_heldout)]
 
 
+def _folder_cases(folder: Path) -> list[dict]:
+    """Cases of a folder: the folder itself when it holds nothing but slices of one DICOM series, else one case per
+    image file inside (each DICOM file on its own) and per sub-folder that is a series."""
+    if is_dicom_series(folder):
+        return [{"image": str(folder.resolve())}]
+    cases = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.is_dir() and is_dicom_series(path):
+            cases.append({"image": str(path.resolve())})
+        elif path.is_file() and (path.name.lower().endswith(IMAGE_SUFFIXES) or is_dicom_file(path)):
+            cases.append({"image": str(path.resolve())})
+    if not cases:
+        logger.warning("%s: holds no image file and no DICOM series", folder)
+    return cases
+
+
+def _path_cases(path: str) -> list[dict]:
+    return _folder_cases(Path(path)) if os.path.isdir(path) else [{"image": str(Path(path).resolve())}]
+
+
 def list_images(spec: str | os.PathLike | Sequence[str], key: str = "test") -> list[dict]:
     """Query items ``[{"image": path}, ...]`` from a glob pattern, a file, a folder, a datalist JSON or a list.
 
-    A folder holding DICOM files is one series (one item); any other folder is searched for image files.
-    A ``.json`` file is read as a datalist (split ``key``, or ``"testing"``, or a plain list of paths).
+    A folder is one case (a DICOM series) only when it holds nothing but slices of one series (one
+    SeriesInstanceUID); any other folder gives one case per image file inside (:data:`IMAGE_SUFFIXES` or a DICOM
+    preamble; each DICOM file on its own) and per sub-folder that is a series. Folders matched by a glob pattern
+    follow the same rule. A ``.json`` file is read as a datalist (split ``key``, or ``"testing"``, or a plain list
+    of paths).
     """
     if not isinstance(spec, (str, os.PathLike)):
         return [item for s in spec for item in list_images(s, key)]
@@ -145,19 +175,14 @@ def list_images(spec: str | os.PathLike | Sequence[str], key: str = "test") -> l
             if k in data:
                 return load_datalist(spec, k)
         raise KeyError(f"{spec}: no '{key}' split.")
-    if os.path.isdir(spec):
-        files = sorted(os.listdir(spec))
-        if any(f.lower().endswith(".dcm") for f in files):
-            return [{"image": str(Path(spec).resolve())}]
-        return [{"image": str((Path(spec) / f).resolve())} for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
-    if glob.has_magic(spec):
+    if glob.has_magic(spec) and not os.path.exists(spec):
         matches = sorted(glob.glob(spec))
         if not matches:
             # not an error here: a workflow is built before its data exists; engines refuse an empty run
             logger.warning("no file matches the pattern %s", spec)
-        return [{"image": str(Path(m).resolve())} for m in matches]
+        return [item for m in matches for item in _path_cases(m)]
     # a missing single file is kept: its loading error is then reported with the others of the run
-    return [{"image": str(Path(spec).resolve())}]
+    return _path_cases(spec)
 
 
 def load_references(path: str | os.PathLike, classes: Sequence[str] | None = None) -> ReferenceSet:
@@ -277,7 +302,7 @@ def select_references(
         return load_references(references_file).select(classes)
     if not datalists:
         raise ValueError("either references_file or datalists should be given.")
-    items = load_datalists(datalists, "training", drop_heldout=not include_heldout)
+    items = load_datalists(datalists, "training", drop_heldout=not as_bool(include_heldout, "include_heldout"))
     return references_from_datalist(items, classes, num_references, seed)
 
 

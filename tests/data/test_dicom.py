@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -19,7 +18,7 @@ FILES = Path(pydicom.data.__file__).parent / "test_files"
 CT_SMALL = FILES / "CT_small.dcm"  # 128x128 CT slice, slope 1, intercept -1024, no window
 MR_SMALL = FILES / "MR_small.dcm"  # 64x64 MR slice, signed 16 bit, window 600/1600, no rescale
 CR_MONO1 = FILES / "dicomdirtests" / "77654033" / "CR1" / "6154"  # 16x16 CR, MONOCHROME1, ImagerPixelSpacing 0.1
-CT_SERIES = FILES / "dicomdirtests" / "98892001" / "CT5N"  # 5 axial 16x16 slices, 2.5 mm apart, z descending
+CT_SERIES = FILES / "dicomdirtests" / "98892001" / "CT5N"  # 5 axial 16x16 slices: a volume, not for DicomReader
 
 # (file under pydicom's test files, fragment of the message); the message must also start with the path
 ILL_CASES = [
@@ -28,9 +27,7 @@ ILL_CASES = [
     ["SC_rgb_rle.dcm", "greyscale image is expected"],
     ["rtstruct.dcm", "not a DICOM file"],  # no preamble: refused unless force=True
     ["README.txt", "not a DICOM file"],
-    ["dicomdirtests/98892003/MR700", "different ImageOrientationPatient"],  # radial slices
-    ["dicomdirtests/98892003/MR2", "holds 3 series"],
-    ["dicomdirtests/77654033/CT2", "slice spacing varies"],  # a scout 200 mm away from three thin slices
+    ["dicomdirtests/98892001/CT5N", "a folder; DicomReader reads single DICOM files"],  # series load as volumes
 ]
 
 
@@ -127,30 +124,8 @@ def test_verify_suffix_claims_only_dicom(tmp_path):
     assert not reader.verify_suffix(tmp_path)  # holds only the NIfTI and the PNG
     assert reader.verify_suffix(CT_SMALL)
     assert reader.verify_suffix(CR_MONO1)  # no suffix: found by its DICM preamble
-    assert reader.verify_suffix(CT_SERIES)
+    assert not reader.verify_suffix(CT_SERIES)  # a series folder is a volume (common.data.volume.VolumeReader)
     assert not reader.verify_suffix([CT_SMALL, nifti])
-
-
-def test_series_sorted_by_position(tmp_path):
-    folder = tmp_path / "series"
-    folder.mkdir()
-    sources = sorted(CT_SERIES.iterdir())
-    # scramble InstanceNumber and file names so neither gives the order
-    for k, (source, number) in enumerate(zip(sources, [3, 1, 5, 2, 4])):
-        ds = pydicom.dcmread(source)
-        ds.InstanceNumber = number
-        ds.save_as(folder / f"slice{(7 * k) % 5}.dcm")
-    image, meta = read_dicom(folder)
-    assert image.shape == (16, 16, 5) and image.dtype == np.float32
-    np.testing.assert_allclose(meta["spacing"], [0.488281, 0.488281, 2.5], rtol=1e-6)
-    by_z = sorted(sources, key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
-    for k, source in enumerate(by_z):
-        np.testing.assert_allclose(image[..., k], (_raw(source) - 1024).T)
-        z = (meta["affine"] @ np.array([0, 0, k, 1]))[2]
-        np.testing.assert_allclose(z, float(pydicom.dcmread(source).ImagePositionPatient[2]), atol=1e-4)
-    loaded = LoadImage(reader=DicomReader(), ensure_channel_first=True)(folder)
-    assert tuple(loaded.shape) == (1, 16, 16, 5)
-    np.testing.assert_allclose(loaded[0].numpy(), image)
 
 
 @pytest.mark.parametrize("name, message", ILL_CASES)
@@ -173,18 +148,9 @@ def test_undecodable_transfer_syntax_is_named():
         read_dicom(path)
 
 
-def test_missing_and_empty_paths(tmp_path):
+def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "absent.dcm"))):
         read_dicom(tmp_path / "absent.dcm")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'empty'))}: directory contains no DICOM"):
-        read_dicom(tmp_path / "empty")
-
-
-def test_folder_with_one_file_reads_as_that_file(tmp_path):
-    shutil.copy(CT_SMALL, tmp_path / "only.dcm")
-    image, _ = read_dicom(tmp_path)
-    np.testing.assert_allclose(image, _raw(CT_SMALL) - 1024)
 
 
 def test_apply_voi_is_validated():

@@ -328,7 +328,9 @@ def test_list_images(tmp_path, caplog):
     names = ["a.nii.gz", "b.nii.gz", "c.nrrd", "d.mha"]
     assert list_images(str(tmp_path / "scans")) == [{"image": str(scans / n)} for n in names]
     assert list_images(str(tmp_path / "scans" / "*.nii.gz")) == [{"image": str(scans / n)} for n in names[:2]]
-    assert list_images(tmp_path / "series") == [{"image": str((tmp_path / "series").resolve())}]
+    # files that are not slices of one series are cases of their own (tests/data/test_reader.py: real series)
+    series = (tmp_path / "series").resolve()
+    assert list_images(tmp_path / "series") == [{"image": str(series / "1.dcm")}, {"image": str(series / "2.dcm")}]
     assert list_images(str(tmp_path / "nowhere.nii.gz")) == [{"image": str(tmp_path.resolve() / "nowhere.nii.gz")}]
     listed = tmp_path / "queries.json"
     listed.write_text(json.dumps(["scans/a.nii.gz", "/abs/x.nii.gz"]))
@@ -337,7 +339,7 @@ def test_list_images(tmp_path, caplog):
         str((tmp_path / "lists" / "images" / "c.nii.gz").resolve())
     ]
     both = list_images([str(tmp_path / "scans" / "a.*"), str(tmp_path / "series")])
-    assert [i["image"] for i in both] == [str(scans / "a.nii.gz"), str((tmp_path / "series").resolve())]
+    assert [i["image"] for i in both] == [str(scans / "a.nii.gz"), str(series / "1.dcm"), str(series / "2.dcm")]
     with caplog.at_level(logging.WARNING, logger="common.data.datalist"):
         assert list_images(str(tmp_path / "scans" / "*.dcm")) == []
     assert "no file matches" in caplog.text and "*.dcm" in caplog.text
