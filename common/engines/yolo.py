@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from monai.handlers import MLFlowHandler
 from torch.utils.data import DataLoader
 
+from common.bundle.args import as_bool, user_error
 from common.data.yolo_dataset import write_yolo_data_yaml, write_yolo_split
 from common.yolo_env import import_ultralytics, keep_process_state
 
@@ -59,8 +62,9 @@ class UltralyticsTrainer:
 
     Nothing is downloaded: the model comes from a YAML (random initialisation) or a local ``.pt``; AMP on CUDA uses
     bfloat16, because ultralytics' float16 path first runs ``check_amp``, which downloads ``yolo26n.pt``; ultralytics'
-    integrations (MLflow, Comet, Platform...) are removed. Several GPUs in ``device`` make ultralytics launch DDP
-    workers itself (``torch.distributed.run``): start the bundle with plain ``python``, not ``torchrun``.
+    integrations (MLflow, Comet, Platform...) are removed: experiment tracking goes through ``train_handlers``
+    (``--tracking mlflow``). Several GPUs in ``device`` make ultralytics launch DDP workers itself
+    (``torch.distributed.run``): start the bundle with plain ``python``, not ``torchrun``.
 
     Args:
         train_dataset, val_dataset: MONAI datasets of ``{"image": (1, W, H) in [0, 1], "boxes": [[class, x0, y0,
@@ -90,6 +94,13 @@ class UltralyticsTrainer:
         pretrained: weights to start from, a local checkpoint of the same architecture (this bundle's
             ``model.pt`` or an ultralytics checkpoint, see :func:`common.networks.yolo.load_yolo_state_dict`);
             ``model`` must then be a YAML. Default None: ``model``'s own initialisation.
+        overwrite: a run that does not resume refuses to start when ``ckpt_dir`` already holds ``model.pt`` or
+            ``model_ultralytics.pt`` (the bundle's shipped weights above all), unless this is set. Default False.
+        train_handlers: MONAI ``MLFlowHandler`` instances (what ``--tracking mlflow`` adds; ultralytics' trainer is
+            no ignite engine, so other handlers are refused). Each one's run (its ``tracking_uri``,
+            ``experiment_name``, ``run_name``, ``experiment_param``) gets ultralytics' arguments as parameters and,
+            per epoch, the training losses, validation metrics and learning rates; its ``artifacts`` are logged and
+            the run closed (``close_on_complete``) after training. Default None.
     """
 
     def __init__(
@@ -126,6 +137,8 @@ class UltralyticsTrainer:
         tensorboard: bool = True,
         run_name: str = "ultralytics",
         pretrained: str | os.PathLike | None = None,
+        overwrite: bool = False,
+        train_handlers: Sequence[MLFlowHandler] | None = None,
     ) -> None:
         if max_epochs < 1 or batch_size < 1 or nominal_batch_size < 1:
             raise ValueError(f"max_epochs, batch_size and nominal_batch_size should be positive, got {max_epochs}, "
@@ -139,21 +152,28 @@ class UltralyticsTrainer:
         self.output_dir, self.ckpt_dir = Path(output_dir), Path(ckpt_dir)
         self.model, self.max_epochs, self.image_size = str(model), int(max_epochs), int(image_size)
         self.device = ultralytics_device(device)
-        self.num_workers, self.ema, self.resume = int(num_workers), bool(ema), bool(resume)
-        self.tensorboard, self.run_name = bool(tensorboard), run_name
+        self.num_workers, self.ema, self.resume = int(num_workers), as_bool(ema, "ema"), as_bool(resume, "resume")
+        self.tensorboard, self.run_name = as_bool(tensorboard, "tensorboard"), run_name
         self.pretrained = Path(pretrained) if pretrained else None
+        self.overwrite = as_bool(overwrite, "overwrite")
+        self.train_handlers = [h for h in train_handlers or () if h is not None]
+        for handler in self.train_handlers:
+            if not isinstance(handler, MLFlowHandler):
+                raise ValueError("train_handlers should be monai.handlers.MLFlowHandler instances (ultralytics' "
+                                 f"trainer is not an ignite engine), got {type(handler).__name__}.")
         if self.pretrained is not None and not self.model.endswith((".yaml", ".yml")):
             raise ValueError(f"pretrained weights need a model YAML to build the network, got model '{self.model}'.")
-        self.amp = "bf16" if amp and self.device != "cpu" else False
+        self.amp = "bf16" if as_bool(amp, "amp") and self.device != "cpu" else False
         self.ultralytics_args = {  # typed above; ultralytics' names from here on
             "epochs": self.max_epochs, "imgsz": self.image_size, "batch": int(batch_size),
             "nbs": int(nominal_batch_size),
             "optimizer": optimizer, "lr0": float(learning_rate), "weight_decay": float(weight_decay),
             "warmup_epochs": float(warmup_epochs), "mosaic": float(mosaic), "close_mosaic": int(close_mosaic),
             "mixup": float(mixup), "fliplr": float(fliplr), "scale": float(scale), "translate": float(translate),
-            "degrees": float(degrees), "seed": int(seed), "patience": int(patience), "val": bool(validate_every_epoch),
+            "degrees": float(degrees), "seed": int(seed), "patience": int(patience),
+            "val": as_bool(validate_every_epoch, "validate_every_epoch"),
         }
-        self.metrics: dict = {}
+        self.num_train_images, self.metrics = 0, {}
 
     @property
     def run_dir(self) -> Path:
@@ -172,6 +192,7 @@ class UltralyticsTrainer:
             reports[split] = write_yolo_split(loader, root, split, max_side=self.image_size)
         if not reports.get("train", {}).get("images"):
             raise ValueError("no training image could be read; see the errors above.")
+        self.num_train_images = int(reports["train"]["images"])
         has_val = bool(reports.get("val", {}).get("images"))
         if not has_val:
             logger.warning("no validation image: validating on the training images.")
@@ -210,9 +231,15 @@ class UltralyticsTrainer:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("LOCAL_RANK") is not None:
             raise RuntimeError("UltralyticsTrainer is running under torchrun; start it with plain python and list "
                                "the GPUs in 'device': ultralytics launches its own DDP workers.")
+        weights = (self.ckpt_dir / "model.pt", self.ckpt_dir / "model_ultralytics.pt")
+        existing = [str(p) for p in weights if p.exists()]
+        if existing and not (self.resume or self.overwrite):
+            raise user_error(f"{self.ckpt_dir} already holds {', '.join(existing)}; training would replace them. "
+                             "Choose another --ckpt_dir, continue that run with --resume true, or pass --overwrite "
+                             "true.", FileExistsError)
         import_ultralytics(config_dir=self.output_dir / "ultralytics_settings")
         from common.engines.ultralytics_trainer import (
-            BundleDetectionTrainer, close_tensorboard, disable_ema, log_tensorboard)
+            BundleDetectionTrainer, close_tensorboard, disable_ema, log_tensorboard, mlflow_tracking)
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
         data_yaml = self.export_dataset()
@@ -223,7 +250,9 @@ class UltralyticsTrainer:
             if self.tensorboard:
                 trainer.add_callback("on_fit_epoch_end", log_tensorboard)
                 trainer.add_callback("teardown", close_tensorboard)
-            trainer.train()
+            epoch_length = math.ceil(self.num_train_images / self.ultralytics_args["batch"])
+            with mlflow_tracking(trainer, self.train_handlers, self.max_epochs, epoch_length):
+                trainer.train()
         self.metrics = {k: float(v) for k, v in (trainer.metrics or {}).items()}
         self._save_weights(Path(trainer.save_dir) / "weights")
         return self.metrics

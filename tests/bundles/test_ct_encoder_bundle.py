@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from common.data import generate_ct_report_dataset
-from tests.bundles.runner import BUNDLES
+from tests.bundles.runner import BUNDLES, assert_kept, snapshot
 from tests.bundles.runner import bundle_run as run_bundle
 from tests.bundles.runner import torchrun_bundle
 
@@ -102,8 +102,9 @@ def test_inference_writes_embeddings_index_topk_and_reports_bad_input(tmp_path):
     queries = [{k: str(sample / v) for k, v in item.items()} for item in good] + _bad_cases(tmp_path / "bad", sample)
     (tmp_path / "queries.json").write_text(json.dumps({"test": queries}))
     out = tmp_path / "out"
-    bundle_run("inference.json", "--images", str(tmp_path / "queries.json"), "--output_dir", str(out),
-               "--top_k", "4")
+    proc = bundle_run("inference.json", "--images", str(tmp_path / "queries.json"), "--output_dir", str(out),
+                      "--top_k", "4", check=False)
+    assert proc.returncode == 1 and "4 case(s) failed" in proc.stderr  # after every good case completed
 
     report = json.loads((out / "run_report.json").read_text())
     assert len(report["completed"]) == len(good)
@@ -128,19 +129,33 @@ def test_inference_writes_embeddings_index_topk_and_reports_bad_input(tmp_path):
         scores = [hit["score"] for hit in answer["top_k"]]
         assert len(scores) == 4 and scores == sorted(scores, reverse=True)
         assert {hit["case"] for hit in answer["top_k"]} <= names
-    # outputs are never replaced unless asked
-    again = bundle_run("inference.json", "--images", str(tmp_path / "queries.json"), "--output_dir", str(out),
-                       check=False)
-    assert again.returncode != 0 and "already exist" in again.stdout + again.stderr
+    # outputs are never replaced unless asked: every case is skipped and listed, the index is kept
+    before = snapshot(out)
+    volumes = tmp_path / "good.json"
+    volumes.write_text(json.dumps({"test": queries[:len(good)]}))
+    bundle_run("inference.json", "--images", str(volumes), "--output_dir", str(out), "--overwrite", "false")
+    assert_kept(before, out)
+    report = json.loads((out / "run_report.json").read_text())
+    assert not report["completed"] and len(report["skipped"]) == len(good)
 
 
-def test_multi_gpu_train_runs_under_torchrun_on_cpu(data, tmp_path):
-    torchrun_bundle(BUNDLE, "--dataset_dir", str(data), "--ckpt_dir", str(tmp_path / "models"),
-                    "--output_dir", str(tmp_path / "eval"), "--max_epochs", "1", "--val_interval", "1",
-                    "--batch_size", "4", "--seg_weight", "1.0")
-    # rank 0 alone writes checkpoints
-    written = sorted(p.name for p in (tmp_path / "models").glob("*.pt"))
+def test_multi_gpu_train_runs_under_torchrun_on_cpu_and_trains_the_seg_head(tmp_path):
+    """Two CPU processes, two steps each: rank 0 alone writes checkpoints, and the auxiliary segmentation head is
+    trained under DDP (``--seg_weight`` reaches the model's loss): AdamW holds moments only for the parameters it
+    stepped with a gradient."""
+    data = generate_ct_report_dataset(tmp_path / "data", num_cases=8, shape=(32, 64, 64), seed=5,
+                                      split=(0.75, 0.25, 0.0)).parent
+    models = tmp_path / "models"
+    torchrun_bundle(BUNDLE, "--dataset_dir", str(data), "--ckpt_dir", str(models), "--output_dir",
+                    str(tmp_path / "eval"), "--max_epochs", "1", "--val_interval", "1", "--batch_size", "2",
+                    "--seg_weight", "1.0")
+    written = sorted(p.name for p in models.glob("*.pt"))
     assert written == ["checkpoint_checkpoint_epoch=1.pt", "model.pt"]
-    # the auxiliary segmentation head is built and saved with the encoder
-    state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=False)
-    assert "seg_head.weight" in state["model"]
+    checkpoint = torch.load(models / "checkpoint_checkpoint_epoch=1.pt", map_location="cpu", weights_only=False)
+    shapes = [v.shape for v in checkpoint["model"].values()]
+    moments = [s["exp_avg_sq"] for s in checkpoint["optimizer"]["state"].values()]
+    for name in ("seg_head.weight", "seg_head.bias"):
+        shape = checkpoint["model"][name].shape
+        assert shapes.count(shape) == 1, name  # the shape names the head's parameter in the optimizer state
+        stepped = [m for m in moments if m.shape == shape]
+        assert len(stepped) == 1 and stepped[0].abs().sum() > 0, f"{name} received no gradient"

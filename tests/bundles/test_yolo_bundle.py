@@ -19,7 +19,7 @@ from monai.bundle import ConfigParser
 from PIL import Image
 
 from common.networks.yolo import YOLODetector
-from tests.bundles.runner import BUNDLES
+from tests.bundles.runner import BUNDLES, assert_kept, snapshot
 from tests.bundles.runner import bundle_run as run_bundle
 
 BUNDLE = BUNDLES / "yolo_cxr_detection"
@@ -39,11 +39,13 @@ def weights(tmp_path_factory) -> Path:
     return path
 
 
-def _infer(weights: Path, out: Path, queries: list[str], *args: str, check: bool = True) -> dict:
+def _infer(weights: Path, out: Path, queries: list[str], *args: str, failures: bool = False) -> dict:
+    """Inference on ``queries``; a run with failed cases exits 1 (after the others complete), any other 0."""
     spec = out.parent / f"{out.name}_queries.json"
     spec.write_text(json.dumps(queries))
-    bundle_run("inference.json", "--ckpt_path", str(weights), "--output_dir", str(out), "--queries", str(spec),
-               *args, check=check)
+    proc = bundle_run("inference.json", "--ckpt_path", str(weights), "--output_dir", str(out), "--queries",
+                      str(spec), *args, check=False)
+    assert proc.returncode == (1 if failures else 0), proc.stderr[-3000:]
     return json.loads((out / "run_report.json").read_text())
 
 
@@ -68,7 +70,7 @@ def bad_files(tmp_path_factory) -> dict[str, str]:
 def first_run(weights, bad_files, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("infer") / "out"
     good = [str(SAMPLE / "cxr_0010.png"), str(SAMPLE / "cxr_0009.dcm")]
-    return out, _infer(weights, out, [*good, *bad_files.values()])
+    return out, _infer(weights, out, [*good, *bad_files.values()], failures=True)
 
 
 def test_inference_writes_json_and_png_per_image(first_run):
@@ -99,9 +101,11 @@ def test_existing_outputs_are_kept_unless_overwrite(first_run, weights, tmp_path
     new = tmp_path / "cxr_new.png"
     shutil.copy(SAMPLE / "cxr_0011.png", new)
     queries = [str(SAMPLE / "cxr_0010.png"), str(new)]
-    report = _infer(weights, out, queries)
-    assert kept.read_text() == "user data" and report["completed"] == [str(new)]
-    assert "overwrite" in report["failed"][0]["error"]
+    before = snapshot(out)
+    report = _infer(weights, out, queries, "--overwrite", "false")
+    assert_kept(before, out)
+    assert kept.read_text() == "user data" and report["completed"] == [str(new)] and not report["failed"]
+    assert "overwrite" in report["skipped"][0]["reason"]
     report = _infer(weights, out, queries, "--overwrite", "true")
     assert len(report["completed"]) == 2 and json.loads(kept.read_text())["source"].endswith("cxr_0010.png")
 

@@ -54,6 +54,32 @@ def test_trainer_rejects_bad_arguments(kwargs, tmp_path):
         UltralyticsTrainer(**args)
 
 
+def test_trainer_refuses_ignite_handlers_other_than_mlflow(tmp_path):
+    from monai.handlers import StatsHandler
+
+    with pytest.raises(ValueError, match="StatsHandler"):
+        UltralyticsTrainer([], None, ["a"], tmp_path, tmp_path, train_handlers=[StatsHandler()])
+
+
+def test_mlflow_callbacks_pickle_for_ddp_workers(tmp_path, monkeypatch):
+    """ultralytics' DDP launcher pickles the callbacks: the MLflow logger travels as its URI and run id."""
+    import pickle
+
+    from common.yolo_env import import_ultralytics
+
+    for name in ("YOLO_OFFLINE", "YOLO_AUTOINSTALL"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test
+    monkeypatch.setenv("YOLO_CONFIG_DIR", os.environ.get("YOLO_CONFIG_DIR") or str(tmp_path))
+    import_ultralytics()
+    from common.engines.ultralytics_trainer import MLflowEpochLogger
+
+    tracker = MLflowEpochLogger(f"sqlite:///{tmp_path / 'mlruns.db'}", "run")
+    assert tracker.client is not None
+    callback = pickle.loads(pickle.dumps(tracker.log_epoch))
+    assert callback.__self__.run_id == "run" and callback.__self__._client is None
+    assert callback.__module__ == "common.engines.ultralytics_trainer"  # kept by BundleDetectionTrainer
+
+
 def test_trainer_translates_config_to_ultralytics_arguments(tmp_path):
     trainer = UltralyticsTrainer([], None, ["a", "b"], tmp_path / "out", tmp_path / "models", model="yolov8n.yaml",
                                  max_epochs=7, image_size=96, batch_size=3, learning_rate=0.02, mosaic=0.5,
