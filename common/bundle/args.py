@@ -3,7 +3,7 @@
 MONAI's runner (``python -m monai.bundle run``) and ``python -m common.cli`` parse their arguments with ``fire``,
 which turns ``--overwrite False`` into ``False`` but passes ``--overwrite false`` on as the string ``'false'``,
 a truthy value. Every boolean a config id or a CLI flag carries goes through :func:`as_bool`, and
-:func:`check_command_line` (the first item of every bundle config's ``initialize``) refuses an override that names
+:func:`check_command_line` (the first item of every bundle config's ``run``) refuses an override that names
 no id of the configs, or that gives a boolean id something that is not a boolean.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "BOOLEAN_WORDS", "as_bool", "check_command_line", "config_files", "config_ids", "is_bundle_runner",
+    "BOOLEAN_WORDS", "as_bool", "check_command_line", "config_files", "config_ids", "is_bundle_runner", "is_off",
     "parse_overrides", "user_error",
 ]
 
@@ -50,6 +50,13 @@ def as_bool(value: Any, name: str = "value") -> bool:
     if isinstance(value, str) and value.strip().lower() in BOOLEAN_WORDS:
         return BOOLEAN_WORDS[value.strip().lower()]
     raise ValueError(f"{name} should be a boolean (true/false, yes/no, on/off, 1/0), got {value!r}.")
+
+
+def is_off(value: Any, name: str = "value") -> bool:
+    """``not as_bool(value, name)``: a flag's negation for configs, e.g. ``"_disabled_": {"_target_":
+    "common.bundle.args.is_off", "value": "@clahe", "name": "clahe"}`` (a component rather than a ``$`` expression, so
+    packaged bundles resolve it once their code is importable)."""
+    return not as_bool(value, name)
 
 
 def parse_overrides(argv: Sequence[str]) -> dict[str, str]:
@@ -114,7 +121,8 @@ def user_error(message: str, error: type[Exception] = RuntimeError) -> BaseExcep
 def check_command_line(argv: Sequence[str] | None = None) -> None:
     """Refuse a ``python -m monai.bundle run`` command line whose overrides the configs would silently ignore or
     misread: an id that no config file defines (a misspelling such as ``--querys``), or a boolean id given a value
-    that is not a boolean. The configs call it first in ``initialize``; elsewhere (a workflow built in Python,
+    that is not a boolean. The configs call it first in ``run`` (where a packaged bundle's code is importable), before
+    any case or epoch; elsewhere (a workflow built in Python,
     ``torchrun`` runs it the same way) it only checks when the process is MONAI's runner.
 
     Args:
@@ -122,7 +130,7 @@ def check_command_line(argv: Sequence[str] | None = None) -> None:
 
     Raises:
         SystemExit: with one line naming the id, the problem and the known ids, so the message is the last line the
-            user sees (MONAI wraps exceptions raised in ``initialize`` in long chained tracebacks).
+            user sees (MONAI wraps exceptions raised while a config runs in long chained tracebacks).
     """
     argv = list(sys.argv if argv is None else argv)
     if not is_bundle_runner(argv):
