@@ -10,6 +10,8 @@ from pathlib import Path
 
 import fire
 
+from common.bundle.args import as_bool
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLES_DIR = REPO_ROOT / "bundles"
 
@@ -19,6 +21,7 @@ class CLI:
 
     def synth3d(self, out: str, num_cases: int = 24, seed: int = 0, shape: tuple = (64, 64, 48), overwrite=False):
         """Write synthetic CT-like volumes with structure label maps and ``datalist.json`` to ``out``."""
+        overwrite = as_bool(overwrite, "--overwrite")
         from common.data import generate_synthetic_3d
 
         path = generate_synthetic_3d(out, num_cases=num_cases, shape=tuple(shape), seed=seed, overwrite=overwrite)
@@ -26,15 +29,41 @@ class CLI:
 
     def mni152(self, out: str, num_queries: int = 4, seed: int = 0, overwrite: bool = False):
         """Write the MNI152 gray/white matter task (a reference and deformed queries) from nilearn's template."""
+        overwrite = as_bool(overwrite, "--overwrite")
         from common.data import build_mni152_task
 
         paths = build_mni152_task(out, num_queries=num_queries, seed=seed, overwrite=overwrite)
         for k, v in paths.items():
             print(f"{k}: {v}")
 
+    def episodes_preview(
+        self, out: str, num: int = 4, seed: int = 0, image_size: int = 48, references: int = 3, classes: int = 3,
+        overwrite: bool = False,
+    ):
+        """Write ``<out>/episodes.png``: the first ``num`` domain-randomised IRIS training episodes of ``seed``
+        (``common.data.RandomEpisodeDataset``), a row each with its references, its query and the class outlines."""
+        overwrite = as_bool(overwrite, "--overwrite")
+        from common.data import RandomEpisodeDataset
+        from common.visualize import save_episode_sheet
+
+        path = Path(out) / "episodes.png"
+        if path.exists() and not overwrite:
+            raise SystemExit(f"episodes_preview failed: {path} already exists; pass --overwrite true to replace it.")
+        try:
+            episodes = RandomEpisodeDataset(
+                image_size=(image_size,) * 3, classes_per_episode=classes, references_per_episode=references,
+                episodes_per_epoch=num, seed=seed,
+            )
+            titles = [f"episode {i} (seed {seed})" for i in range(num)]
+            path = save_episode_sheet([episodes[i] for i in range(num)], path, titles=titles, overwrite=overwrite)
+        except ValueError as e:
+            raise SystemExit(f"episodes_preview failed: {e}") from e
+        print(f"preview: {path}")
+
     def iris_sample(self, out: str, num_cases: int = 6, seed: int = 20261123, overwrite: bool = False):
         """Build an IRIS bundle sample: synthetic volumes, a datalist, and ``references.json`` of its training
         split (the embedded sample is made with the defaults)."""
+        overwrite = as_bool(overwrite, "--overwrite")
         from common.data import HELDOUT_CLASSES, generate_synthetic_3d, load_datalist, write_references
 
         datalist = generate_synthetic_3d(
@@ -50,6 +79,7 @@ class CLI:
         dicom_fraction: float = 0.0, overwrite: bool = False,
     ):
         """Write synthetic chest radiographs with concept masks, disease labels, lesion boxes and ``datalist.json``."""
+        overwrite = as_bool(overwrite, "--overwrite")
         from common.data import generate_synthetic_cxr
 
         path = generate_synthetic_cxr(
@@ -64,6 +94,7 @@ class CLI:
     ):
         """Write synthetic CT volumes (D, H, W voxels), region masks, reports with reasoning steps and
         ``datalist.json`` to ``out`` (the CT report encoder's training and sample data)."""
+        overwrite = as_bool(overwrite, "--overwrite")
         from common.data import generate_ct_report_dataset
 
         path = generate_ct_report_dataset(
@@ -75,6 +106,7 @@ class CLI:
         """Build the CT report encoder's embedded sample: synthetic cases at the bundle's 32x64x64 grid, a datalist
         (training/validation/test) and ``volumes.json`` listing every case with its mask (the default inference
         input)."""
+        overwrite = as_bool(overwrite, "--overwrite")
         from common.data import generate_ct_report_dataset, write_volume_list
 
         datalist = generate_ct_report_dataset(
@@ -114,19 +146,16 @@ class CLI:
     def package(self, bundle: str, out: str = "dist", overwrite: bool = False, weights_url: str = ""):
         """Package ``bundles/<name>`` as ``<out>/<name>.zip``, a MONAI bundle with the ``common`` code it needs inside,
         for ``python -m monai.bundle download --name <name> --url <url of the zip>`` in any MONAI app."""
+        overwrite = as_bool(overwrite, "--overwrite")
         from common.bundle.package import package_bundle
 
-        if isinstance(overwrite, str):  # fire passes "true"/"false" through as strings
-            if overwrite.lower() not in ("true", "false"):
-                raise SystemExit(f"--overwrite should be true or false, got '{overwrite}'.")
-            overwrite = overwrite.lower() == "true"
         try:
             path = package_bundle(bundle, out, overwrite=overwrite, weights_url=weights_url)
         except (FileNotFoundError, FileExistsError, ValueError) as e:
             raise SystemExit(f"package failed: {e}") from e
         print(f"bundle: {path}")
 
-    def benchmark(self, model: str = "iris", **kwargs):
+    def benchmark(self, network: str = "iris", **kwargs):
         """Print speed and memory of a network, e.g. ``benchmark iris --device cpu --size small --image_size 64``.
 
         IRIS options: size (small|full), image_size, num_classes, num_references, batch_size, device, repeats,
@@ -142,9 +171,9 @@ class CLI:
         from common.benchmark_yolo import benchmark_yolo
 
         runners = {"iris": benchmark_iris, "csr": benchmark_csr, "yolo": benchmark_yolo, "ct": benchmark_ct}
-        if model not in runners:
-            raise SystemExit(f"unknown model '{model}'; choose from {sorted(runners)}")
-        result = runners[model](**kwargs)
+        if network not in runners:
+            raise SystemExit(f"unknown network '{network}'; choose from {sorted(runners)}")
+        result = runners[network](**kwargs)
         print(json.dumps(result, indent=2))
 
 

@@ -44,3 +44,15 @@ def test_mni152_command(tmp_path):
     cli("mni152", "--out", str(tmp_path / "mni"), "--num_queries", "1")
     datalist = json.loads((tmp_path / "mni" / "datalist.json").read_text())
     assert Path(tmp_path / "mni" / datalist["test"][0]["image"]).exists()
+
+
+def test_episodes_preview_command(tmp_path):
+    proc = cli("episodes_preview", "--out", str(tmp_path), "--num", "2", "--seed", "0", "--image_size", "32")
+    png = tmp_path / "episodes.png"
+    assert png.stat().st_size > 1000 and str(png) in proc.stdout
+    before = png.read_bytes()
+    with pytest.raises(AssertionError, match="already exists"):
+        cli("episodes_preview", "--out", str(tmp_path), "--num", "2", "--image_size", "32")
+    assert png.read_bytes() == before
+    cli("episodes_preview", "--out", str(tmp_path), "--num", "1", "--image_size", "32", "--overwrite", "true")
+    assert png.read_bytes() != before

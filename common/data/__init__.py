@@ -26,6 +26,16 @@ from .datalist import (
 from .dicom import DicomReader, dicom_series_files, is_dicom_file, is_dicom_series, read_dicom
 from .episodes import EpisodeDataset
 from .mni152 import MNI152_CLASSES, MNI152_SOURCE, build_mni152_task, mni152_label_map
+from .random_episodes import (
+    Appearance,
+    MixedEpisodeDataset,
+    RandomAnatomy,
+    RandomEpisodeDataset,
+    random_anatomy,
+    random_appearance,
+    random_episode,
+    render_view,
+)
 from .robust import ERROR_KEY, SKIPPED_KEY, SOURCE_KEY, ErrorTolerantDataset, root_cause
 from .synthetic_ct_reports import (
     CT_REGIONS,

@@ -22,9 +22,11 @@ class EpisodeDataset(Dataset):
 
     Each episode picks a dataset (by ``dataset_weights``), a query volume, up to ``classes_per_episode`` classes
     present in it, and ``references_per_episode`` *other* volumes of the same dataset chosen to show those classes.
-    Volumes are preprocessed once (``transform``, cached) and augmented independently per episode
-    (``augmentation``), so a reference is never a copy of the query. Randomness comes from torch's generator, which
-    ``monai.utils.set_determinism`` and the data loader's worker seeding make reproducible.
+    Volumes are preprocessed once, when the dataset is built (``transform``, cached in this process), and augmented
+    independently per episode (``augmentation``), so a reference is never a copy of the query. Data-loader workers
+    forked from this process inherit the cache: more workers, or more epochs, never preprocess a volume again.
+    Randomness comes from torch's generator, which ``monai.utils.set_determinism`` and the data loader's worker
+    seeding make reproducible.
 
     Output of ``__getitem__`` (spatial size S of the preprocessed volumes, K classes, R references):
         - ``image``: ``(1, *S)`` query image.
@@ -90,20 +92,19 @@ class EpisodeDataset(Dataset):
         self.class_names: list[str] = sorted(names - self.exclude_classes)
         if not self.class_names:
             raise ValueError("no trainable class: the datalist has no 'class_names' left after exclude_classes.")
-        self._volumes: CacheDataset | None = None
-        self._present: list[dict[str, int]] = []
+        # built here, in the process that makes the data loader, so that its forked workers share one cache
+        # (built lazily in __getitem__, every worker of every epoch would preprocess every volume again)
+        self._volumes = CacheDataset(
+            self.data, self.transform, cache_rate=self.cache_rate, num_workers=self.num_workers, progress=False
+        )
+        self._present: list[dict[str, int]] = [self._classes_in(i) for i in range(len(self.data))]
 
     def __len__(self) -> int:
         return self.episodes_per_epoch
 
     @property
     def volumes(self) -> CacheDataset:
-        """The preprocessed volumes, loaded on first use so that building a workflow reads no data."""
-        if self._volumes is None:
-            self._volumes = CacheDataset(
-                self.data, self.transform, cache_rate=self.cache_rate, num_workers=self.num_workers, progress=False
-            )
-            self._present = [self._classes_in(i) for i in range(len(self.data))]
+        """The preprocessed volumes, cached when the dataset is built."""
         return self._volumes
 
     def _classes_in(self, i: int) -> dict[str, int]:
@@ -154,7 +155,6 @@ class EpisodeDataset(Dataset):
         return _plain(volume["image"]).float(), masks, label
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        _ = self.volumes  # fill the cache and class index in this process
         rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, ()).item()))
         query, classes, refs = self._draw_volumes(rng)
         image, label, _ = self._masks(query, classes)

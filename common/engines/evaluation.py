@@ -1,4 +1,4 @@
-"""Strategy sweeps of an in-context evaluator, written as JSON and a Markdown table."""
+"""Strategy sweeps of an in-context evaluator, with no-model baselines, written as JSON and a Markdown table."""
 
 from __future__ import annotations
 
@@ -10,12 +10,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from monai.utils import look_up_option
+from torch import nn
 
 from common.engines.evaluator import InContextEvaluator
 
-__all__ = ["evaluate_strategies", "per_class_dice_table"]
+__all__ = ["BASELINES", "CopyReference", "copy_reference_masks", "evaluate_strategies", "per_class_dice_table"]
 
 logger = logging.getLogger(__name__)
+
+BASELINES: dict[str, str] = {"copy_reference": "ensemble", "copy_reference_one_shot": "one_shot"}
+"""No-model baselines, each with the prompt strategy whose references it copies: all of them (majority vote) or
+the one-shot reference of each class."""
 
 
 def _nanmean(values: torch.Tensor) -> float:
@@ -23,8 +29,61 @@ def _nanmean(values: torch.Tensor) -> float:
     return float(v.mean()) if v.numel() else math.nan
 
 
+def copy_reference_masks(ref_mask: torch.Tensor) -> torch.Tensor:
+    """The references' masks as a prediction: per class, the majority vote (mean > 0.5) of the references that
+    show the class (as the ensemble strategy leaves references with an empty mask out of a class's average).
+
+    Args:
+        ref_mask: ``(B, R, K, *S)`` binary masks, or ``(B, K, *S)`` for one reference.
+
+    Returns:
+        ``(B, K, *S)`` float masks in {0, 1}.
+
+    Example:
+        >>> m = torch.tensor([[[[1.0, 1.0, 0.0]], [[1.0, 0.0, 0.0]], [[0.0, 0.0, 0.0]]]])  # R=3, K=1, S=3
+        >>> copy_reference_masks(m).tolist()  # the empty third reference does not vote
+        [[[1.0, 0.0, 0.0]]]
+    """
+    if ref_mask.dim() < 4:
+        raise ValueError(f"ref_mask should have shape (B, R, K, *S), got {list(ref_mask.shape)}.")
+    present = (ref_mask.flatten(3).amax(-1) > 0).to(ref_mask.dtype)  # (B, R, K)
+    weights = present / present.sum(1, keepdim=True).clamp_min(1.0)
+    votes = (ref_mask * weights[(...,) + (None,) * (ref_mask.dim() - 3)]).sum(1)
+    return (votes > 0.5).float()
+
+
+class CopyReference(nn.Module):
+    """The copy-the-reference baseline in the shape of an in-context network: no weights, no model.
+
+    :meth:`encode_task` returns :func:`copy_reference_masks` of the references as the "task embeddings", and
+    :meth:`segment` returns them as logits (``+logit`` inside, ``-logit`` outside) for any query on the same grid.
+    An :class:`InContextEvaluator` whose network is swapped for it therefore scores the references' label maps,
+    preprocessed as the evaluation preprocesses both references and queries (same orientation, spacing, crop and
+    resize), with its own metrics and postprocessing.
+
+    Args:
+        logit: magnitude of the returned logits. Default 20.
+    """
+
+    def __init__(self, logit: float = 20.0) -> None:
+        super().__init__()
+        self.logit = logit
+
+    def encode_task(self, ref_image: torch.Tensor, ref_mask: torch.Tensor) -> torch.Tensor:
+        """``(B, R, 1, *S)`` images (unused) and ``(B, R, K, *S)`` masks -> ``(B, K, *S)`` copied masks."""
+        return copy_reference_masks(ref_mask if ref_mask.dim() == ref_image.dim() else ref_mask.unsqueeze(1))
+
+    def segment(self, image: torch.Tensor, task_embeddings: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, *S)`` query and ``(1 or B, K, *S)`` copied masks -> ``(B, K, *S)`` logits."""
+        if task_embeddings.shape[2:] != image.shape[2:]:
+            raise ValueError(f"the query grid {list(image.shape[2:])} should be the references' grid "
+                             f"{list(task_embeddings.shape[2:])} (copy_reference needs whole-volume inference).")
+        logits = (2.0 * task_embeddings - 1.0) * self.logit
+        return logits.to(image.dtype).expand(image.shape[0], *logits.shape[1:])
+
+
 def per_class_dice_table(results: dict[str, dict[str, float]]) -> str:
-    """Markdown table: one row per class, one column per strategy, plus a mean row."""
+    """Markdown table: one row per class, one column per strategy (and baseline), plus a mean row."""
     strategies = list(results)
     classes = sorted({c for r in results.values() for c in r if c != "mean"})
     lines = ["| class | " + " | ".join(strategies) + " |", "|---" * (len(strategies) + 1) + "|"]
@@ -34,32 +93,67 @@ def per_class_dice_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _per_class(evaluator: InContextEvaluator, metric_name: str) -> tuple[dict[str, float], int]:
+    details = evaluator.state.metric_details.get(metric_name)
+    if details is None:
+        raise KeyError(f"the evaluator has no per-case details for '{metric_name}' (set save_details=True).")
+    per_case = torch.as_tensor(details, dtype=torch.float32).reshape(-1, len(evaluator.state.class_names))
+    row = {name: _nanmean(per_case[:, k]) for k, name in enumerate(evaluator.state.class_names)}
+    row["mean"] = _nanmean(torch.tensor([v for v in row.values()]))
+    return row, per_case.shape[0]
+
+
+def _run_baseline(evaluator: InContextEvaluator, strategy: str) -> None:
+    """One evaluator run with the network swapped for :class:`CopyReference` and the prompt set to ``strategy``."""
+    network, previous = evaluator.network, evaluator.prompt.strategy
+    evaluator.network, evaluator.prompt.strategy = CopyReference().to(evaluator.state.device), strategy
+    try:
+        evaluator.run()
+    finally:
+        evaluator.network, evaluator.prompt.strategy = network, previous
+
+
 def evaluate_strategies(
     evaluator: InContextEvaluator,
     strategies: Sequence[str],
     output_dir: str | os.PathLike,
     metric_name: str = "val_per_class_dice",
     filename: str = "dice_per_strategy",
+    baselines: Sequence[str] = ("copy_reference",),
 ) -> dict[str, dict[str, float]]:
-    """Run ``evaluator`` once per strategy and write per-class Dice as ``<filename>.json`` and ``.md``.
+    """Run ``evaluator`` once per strategy and per baseline; write per-class Dice as ``<filename>.json`` and ``.md``.
 
     ``metric_name`` names a metric of the evaluator created with ``save_details=True`` (e.g. ``MeanDice``); the
     per-case, per-class values are averaged over cases, ignoring classes absent from a case's ground truth.
+
+    Baselines (:data:`BASELINES`) use no model: ``copy_reference`` predicts, for each class, the majority vote of
+    the references' masks (all references the ensemble strategy uses), ``copy_reference_one_shot`` the mask of the
+    one reference the one-shot strategy uses. The masks are the references' label maps after the evaluation's own
+    preprocessing, taken as they are on the query's preprocessed grid, and are scored by the same evaluator and
+    metric as the strategies. They need references; without any (memory only) they are left out with a warning.
+
+    Returns:
+        ``{strategy or baseline: {class: Dice, "mean": mean over classes}}``, strategies first, as written to JSON;
+        the Markdown table has one column per entry and is also logged.
     """
+    baseline_runs = [(name, look_up_option(name, BASELINES)) for name in baselines]
     results: dict[str, dict[str, float]] = {}
     for strategy in strategies:
         evaluator.prompt.strategy = strategy
         evaluator.run()
-        details = evaluator.state.metric_details.get(metric_name)
-        if details is None:
-            raise KeyError(f"the evaluator has no per-case details for '{metric_name}' (set save_details=True).")
-        per_case = torch.as_tensor(details, dtype=torch.float32).reshape(-1, len(evaluator.state.class_names))
-        row = {name: _nanmean(per_case[:, k]) for k, name in enumerate(evaluator.state.class_names)}
-        row["mean"] = _nanmean(torch.tensor([v for v in row.values()]))
-        results[strategy] = row
-        logger.info("%s: mean Dice %.4f over %d cases", strategy, row["mean"], per_case.shape[0])
+        results[strategy], cases = _per_class(evaluator, metric_name)
+        logger.info("%s: mean Dice %.4f over %d cases", strategy, results[strategy]["mean"], cases)
+    for baseline, strategy in baseline_runs:
+        if evaluator.prompt.references is None:
+            logger.warning("%s needs references: no references file is set, so it is left out", baseline)
+            continue
+        _run_baseline(evaluator, strategy)
+        results[baseline], cases = _per_class(evaluator, metric_name)
+        logger.info("%s (no model): mean Dice %.4f over %d cases", baseline, results[baseline]["mean"], cases)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    table = per_class_dice_table(results)
     (out / f"{filename}.json").write_text(json.dumps(results, indent=4))
-    (out / f"{filename}.md").write_text(per_class_dice_table(results))
+    (out / f"{filename}.md").write_text(table)
+    logger.info("per-class Dice (%s):\n%s", out / f"{filename}.md", table)
     return results

@@ -3,6 +3,7 @@
 from .case_report import CaseReportWriter
 from .checkpoint import ResumableCheckpoint, latest_checkpoint
 from .concepts import ConceptIntervention, PrototypeKMeansInit
+from .dataset_epoch import DatasetEpochHandler
 from .detection_map import DetectionMAP
 from .embedding_index import EmbeddingIndexWriter
 from .gradient_clipping import GradientClipping

@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
-__all__ = ["save_orthogonal_preview", "save_overlay_2d"]
+__all__ = ["save_episode_sheet", "save_orthogonal_preview", "save_overlay_2d"]
 
 DPI = 100
 LABEL_ALPHA = 0.45
@@ -345,4 +345,78 @@ def save_overlay_2d(
         if outline.shape != picture.shape:
             raise ValueError(f"mask should have shape {picture.shape}, got {outline.shape}.")
     fig = _overlay_figure(picture, _heatmap_panels(heatmaps), box_array, label_list, score_list, title, outline)
+    return _save(fig, target)
+
+
+def _episode_panels(episode: Mapping[str, Any]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """``(title, (x, y, z) image, (K, x, y, z) masks)`` of each used reference and the query of an episode."""
+    query_masks = _to_numpy(episode["label"]).astype(np.float32)
+    # channels holding a class: unused ones are filled with a negative ignore value
+    used = np.flatnonzero(query_masks.reshape(len(query_masks), -1).min(1) >= 0)
+    ref_images, ref_masks = _to_numpy(episode["ref_image"]), _to_numpy(episode["ref_label"])
+    panels = []
+    for r in range(ref_images.shape[0]):
+        masks = ref_masks[r][used] > 0
+        if masks.any():  # empty slots are padding
+            panels.append((f"reference {len(panels) + 1}", ref_images[r][0], masks))
+    panels.append(("query", _spatial(episode["image"], 3, "image"), query_masks[used] > 0))
+    return panels
+
+
+def save_episode_sheet(
+    episodes: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    titles: Sequence[str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save in-context episodes as one PNG: a row per episode, its references then its query, class outlines on top.
+
+    Each panel is the axial slice (last axis) through the centre of that view's class masks, displayed as in
+    :func:`save_orthogonal_preview`; class ``k`` is outlined in the colour of label ``k + 1`` in every panel, so a
+    reader sees which structure each reference shows and what the query should be segmented into. Empty reference
+    slots (all-zero masks, padding) and unused class channels are not drawn.
+
+    Args:
+        episodes: items in the layout of ``common.data.EpisodeDataset``: ``image (1, x, y, z)``, ``label
+            (K, x, y, z)``, ``ref_image (R, 1, x, y, z)`` and ``ref_label (R, K, x, y, z)``, numpy or torch.
+        path: the ``.png`` to write; parent folders are created.
+        titles: one row title per episode. Default ``episode <i>``.
+        overwrite: replace an existing file; otherwise ``FileExistsError``. Default ``False``.
+
+    Returns:
+        ``path`` as a ``Path``: a PNG 200 pixels per panel, one row per episode.
+
+    Example::
+
+        save_episode_sheet([dataset[i] for i in range(4)], "episodes.png")
+    """
+    target = _target(path, overwrite)
+    if not episodes:
+        raise ValueError("episodes should hold at least one episode, got none.")
+    if titles is not None and len(titles) != len(episodes):
+        raise ValueError(f"titles should have one entry per episode ({len(episodes)}), got {len(titles)}.")
+    rows = [_episode_panels(e) for e in episodes]
+    ncols = max(len(r) for r in rows)
+    fig = Figure(figsize=(2.0 * ncols, 2.1 * len(rows) + 0.3), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = np.asarray(fig.subplots(len(rows), ncols, squeeze=False))
+    for i, panels in enumerate(rows):
+        for j, ax in enumerate(axes[i]):
+            ax.set_axis_off()
+            if j >= len(panels):
+                continue
+            name, image, masks = panels[j]
+            z = _centre_indices(masks.any(0))[2]
+            lo, hi = _window(image)
+            ax.imshow(image[:, :, z].T[::-1, ::-1], cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+            for k, mask in enumerate(masks):
+                plane = mask[:, :, z].T[::-1, ::-1].astype(np.float32)
+                if plane.any() and not plane.all():
+                    ax.contour(plane, levels=[0.5], colors=[_label_colour(k + 1)], linewidths=1.0)
+            row_title = titles[i] if titles is not None else f"episode {i}"
+            ax.set_title(f"{row_title}: {name} (z={z})" if j == 0 else f"{name} (z={z})", fontsize=7)
+    classes = max(len(r[-1][2]) for r in rows)
+    handles = [Patch(color=_label_colour(k + 1), label=f"class {k + 1}") for k in range(classes)]
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), fontsize=8)
     return _save(fig, target)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from common.data import generate_synthetic_3d, write_references
-from tests.bundles.runner import BUNDLES
+from tests.bundles.runner import BUNDLES, assert_kept, snapshot
 from tests.bundles.runner import bundle_run as run_bundle
 
 BUNDLE = BUNDLES / "iris_incontext_segmentation"
@@ -72,12 +72,15 @@ def test_evaluate_writes_per_class_dice_per_strategy(synth, trained, tmp_path):
         "--validate#prompt#tuning_steps", "2", *SMALL,
     )
     results = json.loads((tmp_path / "dice_per_strategy.json").read_text())
-    assert set(results) == {"one_shot", "ensemble", "memory", "tuning"}
+    # the no-model baselines sit beside the strategies, in the same file and table
+    columns = ["one_shot", "ensemble", "memory", "tuning", "copy_reference", "copy_reference_one_shot"]
+    assert list(results) == columns
     for row in results.values():
         assert 0.0 <= row["mean"] <= 1.0
         assert "nodule_cluster" not in row
+    assert set(results["copy_reference"]) == set(results["ensemble"])
     table = (tmp_path / "dice_per_strategy.md").read_text()
-    assert table.startswith("| class | one_shot | ensemble | memory | tuning |")
+    assert table.startswith("| class | " + " | ".join(columns) + " |")
 
 
 @pytest.mark.parametrize("strategy", ["one_shot", "ensemble", "memory", "tuning"])
@@ -112,14 +115,16 @@ def test_inference_never_overwrites_outputs(trained, tmp_path):
     bundle_run(*args)
     seg = sorted(tmp_path.glob("*_seg.nii.gz"))[0]
     seg.write_bytes(b"user data")
-    # every case is refused, so the run as a whole fails, naming the files it would not replace
-    proc = bundle_run(*args, check=False)
-    assert proc.returncode != 0 and "outputs already exist" in proc.stdout + proc.stderr
-    assert seg.read_bytes() == b"user data"
+    before = snapshot(tmp_path)
+    # --overwrite false as MONAI's runner passes it (the string 'false'): every case is skipped and listed
+    bundle_run(*args, "--overwrite", "false")
+    assert_kept(before, tmp_path)
     report = json.loads((tmp_path / "run_report.json").read_text())
-    assert len(report["failed"]) == 2 and all("overwrite" in f["error"] for f in report["failed"])
+    assert not report["completed"] and not report["failed"]
+    assert len(report["skipped"]) == 2 and all("outputs already exist" in f["reason"] for f in report["skipped"])
     bundle_run(*args, "--overwrite", "true")
     assert seg.read_bytes() != b"user data"
+    assert len(list(tmp_path.glob("run_report_*.json"))) == 2  # the earlier runs' reports are kept
 
 
 def _write(path: Path, array: np.ndarray, affine=None) -> str:
@@ -128,25 +133,35 @@ def _write(path: Path, array: np.ndarray, affine=None) -> str:
 
 
 def test_bad_queries_are_reported_and_others_complete(trained, tmp_path):
-    """A 2D image, non-finite voxels and an unreadable file fail with their file named; good queries finish."""
+    """A 2D image, non-finite voxels, an unreadable file, a constant volume and a slab too thin for the working grid
+    fail with their file named; good queries finish."""
     good = BUNDLE / "sample" / "imagesTr" / "synth_004.nii.gz"
     bad = {
         "flat": _write(tmp_path / "flat.nii.gz", np.zeros((40, 40), np.float32)),
         "nan": _write(tmp_path / "nan.nii.gz", np.full((32, 32, 32), np.nan, np.float32)),
         "garbage": str(tmp_path / "garbage.nii.gz"),
+        "air": _write(tmp_path / "air.nii.gz", np.full((32, 32, 32), -1000, np.float32)),
+        # a 0.6 mm slab: three slices of 0.2 mm, one voxel on the 1.5 mm working grid
+        "slab": _write(tmp_path / "slab.nii.gz", np.random.default_rng(0).normal(0, 1, (40, 40, 3)).astype(np.float32),
+                       np.diag([1.5, 1.5, 0.2, 1.0])),
     }
     Path(bad["garbage"]).write_bytes(b"not an image")
     queries = tmp_path / "queries.json"
     queries.write_text(json.dumps([str(good), *bad.values()]))
     out = tmp_path / "out"
-    bundle_run("inference.json", "--ckpt_path", str(trained / "model.pt"), "--output_dir", str(out),
-               "--queries", str(queries), *SMALL)
+    proc = bundle_run("inference.json", "--ckpt_path", str(trained / "model.pt"), "--output_dir", str(out),
+                      "--queries", str(queries), *SMALL, check=False)
+    # the good query completes; the run then exits 1, its last line naming how many failed
+    assert proc.returncode == 1
+    assert "5 case(s) failed, 1 completed" in proc.stderr and bad["garbage"] in proc.stderr.strip().splitlines()[-1]
     report = json.loads((out / "run_report.json").read_text())
     assert report["completed"] == [str(good)]
     errors = {Path(f["source"]).name: f["error"] for f in report["failed"]}
     assert "2D" in errors["flat.nii.gz"] and bad["flat"] in errors["flat.nii.gz"]
     assert "non-finite" in errors["nan.nii.gz"]
     assert bad["garbage"] in errors["garbage.nii.gz"]
+    assert "every voxel has the value -1000" in errors["air.nii.gz"]
+    assert "too small" in errors["slab.nii.gz"] and "[8, 8, 8]" in errors["slab.nii.gz"]
     assert (out / "synth_004_seg.nii.gz").exists()
 
 
@@ -163,6 +178,7 @@ def _reference_case(tmp_path: Path, label: np.ndarray, image: np.ndarray | None 
         ("empty", "the mask is empty"),
         ("absent", "label value 1 ('target') is absent"),
         ("2d", "expected a 3D image"),
+        ("shape", "label has spatial shape [32, 32, 30] but the image"),
     ],
 )
 def test_bad_references_name_the_file(trained, tmp_path, case, expected):
@@ -173,6 +189,9 @@ def test_bad_references_name_the_file(trained, tmp_path, case, expected):
     if case == "2d":
         _write(tmp_path / "ref.nii.gz", np.zeros((32, 32), np.float32))
         _write(tmp_path / "ref_label.nii.gz", np.ones((32, 32), np.uint8))
+    if case == "shape":  # a label map drawn on another grid than its image is refused, not resampled onto it
+        label[8:24, 8:24, 8:24] = 1
+        _write(tmp_path / "ref_label.nii.gz", label[:, :, :30])
     proc = bundle_run("inference.json", "--ckpt_path", str(trained / "model.pt"), "--output_dir",
                       str(tmp_path / "out"), "--references_file", str(refs), *SMALL, check=False)
     assert proc.returncode != 0
@@ -187,16 +206,20 @@ def test_missing_weights_name_the_file(tmp_path):
 
 
 def test_dicom_series_and_nrrd_queries(trained, tmp_path):
-    """Queries in the other supported formats: a DICOM series folder (the shared reader) and an NRRD file."""
+    """Queries in the other supported formats, a DICOM series folder and an NRRD file: each label map lies on its
+    query's own grid, the shape and affine the shared reader loads the query with."""
     import os
 
     import nrrd
     import pydicom.data
 
+    from common.transforms import LoadMedicalImaged
+
     series = os.path.join(os.path.dirname(pydicom.data.__file__), "test_files", "dicomdirtests", "98892001", "CT5N")
     image = np.asarray(nib.load(BUNDLE / "sample" / "imagesTr" / "synth_004.nii.gz").dataobj).astype(np.float32)
-    header = {"space": "left-posterior-superior", "space directions": np.diag([1.0, 1.0, 2.0]).tolist(),
-              "space origin": [0.0, 0.0, 0.0]}
+    # a flipped first axis, anisotropic spacing and an origin off zero, so a wrong affine cannot pass
+    header = {"space": "left-posterior-superior", "space directions": np.diag([-1.0, 1.0, 2.0]).tolist(),
+              "space origin": [12.0, -30.0, 7.5]}
     nrrd.write(str(tmp_path / "query.nrrd"), image, header)
     queries = tmp_path / "queries.json"
     queries.write_text(json.dumps([series, str(tmp_path / "query.nrrd")]))
@@ -205,8 +228,12 @@ def test_dicom_series_and_nrrd_queries(trained, tmp_path):
                "--queries", str(queries), *SMALL)
     report = json.loads((out / "run_report.json").read_text())
     assert report["failed"] == [] and len(report["completed"]) == 2
-    assert nib.load(out / "query_seg.nii.gz").shape == image.shape
-    assert nib.load(out / "CT5N_seg.nii.gz").shape == (16, 16, 5)
+    for query, seg, shape in [(str(tmp_path / "query.nrrd"), "query_seg.nii.gz", image.shape),
+                              (series, "CT5N_seg.nii.gz", (16, 16, 5))]:
+        loaded = LoadMedicalImaged(keys="image")({"image": query})["image"]
+        output = nib.load(out / seg)
+        assert output.shape == tuple(loaded.shape) == shape
+        np.testing.assert_allclose(output.affine, loaded.affine.numpy(), atol=1e-4)
 
 
 def test_metadata_label_values_are_the_default_classes():

@@ -8,7 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Resized
+from monai.data import DataLoader
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Resized, Transform
 
 from common.data import (
     EpisodeDataset,
@@ -89,8 +90,8 @@ def items(synth) -> list[dict]:
     return load_datalists(synth, "training") + load_datalist(synth, "validation") + load_datalist(synth, "test")
 
 
-def _dataset(items, **kwargs) -> EpisodeDataset:
-    return EpisodeDataset(items, _preprocessing(), **{"episodes_per_epoch": 4, **kwargs})
+def _dataset(items, transform=None, **kwargs) -> EpisodeDataset:
+    return EpisodeDataset(items, transform or _preprocessing(), **{"episodes_per_epoch": 4, **kwargs})
 
 
 @pytest.fixture(scope="module")
@@ -432,3 +433,27 @@ def test_references_from_datalist_errors(items, tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), dtype=np.uint8), np.eye(4)), empty)
     with pytest.raises(ValueError, match="ball"):
         references_from_datalist([{**items[0], "label": str(empty)}], classes=["ball"])
+
+
+class _CountingPreprocessing(Transform):
+    """The test preprocessing (deterministic, so cached), appending a line to ``log`` per volume it preprocesses
+    (from any process)."""
+
+    def __init__(self, log: Path) -> None:
+        self.log, self.transform = log, _preprocessing()
+
+    def __call__(self, data):
+        with open(self.log, "a") as f:
+            f.write(f"{data['image']}\n")
+        return self.transform(data)
+
+
+def test_cache_is_built_once_and_shared_by_workers(items, tmp_path):
+    log = tmp_path / "preprocessed.txt"
+    ds = _dataset(items, transform=_CountingPreprocessing(log), episodes_per_epoch=6)
+    assert len(log.read_text().splitlines()) == len(items)  # built with the dataset, in this process
+    loader = DataLoader(ds, batch_size=1, num_workers=2)
+    for _ in range(2):  # two epochs, each with two freshly forked workers
+        batches = list(loader)
+        assert len(batches) == 6 and batches[0]["image"].shape == (1, 1, 16, 16, 16)
+    assert len(log.read_text().splitlines()) == len(items)  # no worker preprocessed a volume again

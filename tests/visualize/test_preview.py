@@ -13,10 +13,12 @@ from common.visualize.preview import (
     MASK_COLOUR,
     _box_rectangle,
     _centre_indices,
+    _episode_panels,
     _orthogonal_figure,
     _orthogonal_slices,
     _overlay_figure,
     _spacing,
+    save_episode_sheet,
     save_orthogonal_preview,
     save_overlay_2d,
 )
@@ -200,3 +202,31 @@ def test_ill_cases(tmp_path, function, kwargs, message):
 def test_png_suffix_required(tmp_path):
     with pytest.raises(ValueError, match="should end with .png"):
         save_overlay_2d(np.zeros((8, 8)), tmp_path / "out.jpg")
+
+
+def _episode(refs: int, slots: int, classes: int, channels: int) -> dict[str, torch.Tensor]:
+    size = (12, 10, 8)
+    label = torch.full((channels, *size), -1.0)
+    ref_label = torch.zeros(slots, channels, *size)
+    for k in range(classes):
+        label[k] = 0.0
+        label[k, 2 + k: 5 + k, 3:6, 2:6] = 1.0
+        ref_label[:refs, k, 1 + k: 4 + k, 3:6, 2:6] = 1.0
+    return {"image": torch.rand(1, *size), "label": label, "ref_image": torch.rand(slots, 1, *size),
+            "ref_label": ref_label, "class_ids": torch.full((channels,), -1)}
+
+
+def test_episode_sheet_draws_used_references_and_classes(tmp_path):
+    episodes = [_episode(refs=1, slots=3, classes=2, channels=3), _episode(refs=3, slots=3, classes=1, channels=3)]
+    panels = [_episode_panels(e) for e in episodes]
+    assert [[name for name, _, _ in p] for p in panels] == [
+        ["reference 1", "query"], ["reference 1", "reference 2", "reference 3", "query"]]  # padding slots left out
+    assert [p[-1][2].shape for p in panels] == [(2, 12, 10, 8), (1, 12, 10, 8)]  # unused channels left out
+    path = save_episode_sheet(episodes, tmp_path / "episodes.png", titles=["a", "b"])
+    assert _png(path).shape[:2] == (450, 800)  # 2 rows x 4 panels of 200 pixels, plus the legend
+    with pytest.raises(FileExistsError):
+        save_episode_sheet(episodes, path)
+    with pytest.raises(ValueError, match="titles"):
+        save_episode_sheet(episodes, tmp_path / "other.png", titles=["a"])
+    with pytest.raises(ValueError, match="at least one"):
+        save_episode_sheet([], tmp_path / "none.png")
