@@ -1,8 +1,8 @@
 """Every bundle packaged, installed with ``monai.bundle download`` and run where this repository's ``common`` is gone.
 
-Each bundle is copied to a temporary folder; its ``models/model.pt`` is used when it loads into the bundle's network,
-otherwise (no trained weights yet, or a file still being written) the copy gets a freshly initialised network's
-weights, so the test does not depend on shipped weights. The installed bundle is then run and loaded by a launcher
+Each bundle is copied to a temporary folder with its shipped ``models/model.pt``, which must load into the objects the
+inference config's ``CheckpointLoader`` fills with no missing or unexpected keys: a bundle whose weights do not load
+fails here instead of being packaged with random ones. The installed bundle is then run and loaded by a launcher
 that removes the editable install of this repository (its import finder, path hook and any ``sys.path`` entry holding
 a ``common`` folder) before handing over to ``monai.bundle``; it refuses to start if ``common`` is still importable.
 """
@@ -102,29 +102,23 @@ def _checkpointed(bundle: Path) -> dict[str, torch.nn.Module]:
     return {"model": parser.get_parsed_content("network_def")}
 
 
-def _bundle_with_weights(source: Path, tmp: Path) -> tuple[Path, str]:
-    """A copy of ``source`` with a usable ``models/model.pt`` and where its weights came from.
-
-    The file has the layout the config's ``CheckpointLoader`` reads: a bare state dict for one object, else one state
-    dict per ``load_dict`` key.
-    """
+def _bundle_with_shipped_weights(source: Path, tmp: Path) -> Path:
+    """A copy of ``source`` whose shipped ``models/model.pt`` loads, strictly, into what the inference config's
+    ``CheckpointLoader`` fills: a bare state dict for one object, else one state dict per ``load_dict`` key."""
+    weights = source / "models" / "model.pt"
+    assert weights.is_file(), f"{source.name}: no shipped weights at {weights}"
     bundle = tmp / source.name
     shutil.copytree(source, bundle, ignore=shutil.ignore_patterns("__pycache__", "eval"))
-    weights = bundle / "models" / "model.pt"
-    torch.manual_seed(0)
+    ckpt = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
     objects = _checkpointed(bundle)
-    if weights.is_file():
-        try:
-            ckpt = torch.load(weights, map_location="cpu", weights_only=True)
-            for key, obj in objects.items():
-                obj.load_state_dict(ckpt if len(objects) == 1 else ckpt[key])
-            return bundle, "shipped"
-        except Exception:  # absent from git, half-written by a training run, or from another architecture
-            pass
-    states = {key: obj.state_dict() for key, obj in objects.items()}
-    weights.parent.mkdir(exist_ok=True)
-    torch.save(next(iter(states.values())) if len(states) == 1 else states, weights)
-    return bundle, "fresh"
+    for key, obj in objects.items():
+        state = ckpt if len(objects) == 1 else ckpt.get(key)
+        assert isinstance(state, dict), f"{source.name}: models/model.pt has no state dict for '{key}'"
+        try:  # strict: a missing, unexpected or mis-shaped entry raises
+            obj.load_state_dict(state, strict=True)
+        except (RuntimeError, KeyError, ValueError) as e:
+            pytest.fail(f"{source.name}: shipped weights do not load into '{key}': {e}")
+    return bundle
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -157,7 +151,7 @@ def test_launcher_hides_common(launcher, tmp_path):
 
 @pytest.mark.parametrize("source", BUNDLES, ids=[b.name for b in BUNDLES])
 def test_packaged_bundle_runs_without_this_repository(source, launcher, tmp_path):
-    bundle, origin = _bundle_with_weights(source, tmp_path / "src")
+    bundle = _bundle_with_shipped_weights(source, tmp_path / "src")
     before = _snapshot(bundle)
     zip_path = package_bundle(bundle, tmp_path / "dist")
     assert _snapshot(bundle) == before, "packaging changed the source bundle"
@@ -174,6 +168,8 @@ def test_packaged_bundle_runs_without_this_repository(source, launcher, tmp_path
         "--bundle_dir", str(installed), "--progress", "False", cwd=tmp_path,
     ), f"monai.bundle download of {name}")
     root = installed / name
+    # the installed bundle carries the shipped weights, byte for byte
+    assert (root / "models" / "model.pt").read_bytes() == (source / "models" / "model.pt").read_bytes()
     meta = json.loads((root / "configs" / "metadata.json").read_text())
     validate_metadata(meta)
     assert "clinical-imaging-bundles" not in meta["required_packages_version"]
@@ -184,7 +180,7 @@ def test_packaged_bundle_runs_without_this_repository(source, launcher, tmp_path
     _ok(_isolated(
         launcher, "-m", "monai.bundle", "run", "--config_file", str(root / "configs" / "inference.json"),
         "--bundle_root", str(root), "--output_dir", str(out), *SMALL.get(name, []), cwd=tmp_path,
-    ), f"inference of the installed {name} ({origin} weights)")
+    ), f"inference of the installed {name}")
     assert any(out.iterdir()), "inference wrote nothing"
     report = out / "run_report.json"
     if report.is_file():
