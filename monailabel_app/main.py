@@ -12,6 +12,7 @@ import os
 
 import monailabel
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
@@ -27,6 +28,7 @@ from common.monailabel import (
     channel_names,
     label_values,
 )
+from common.monailabel.datastore import LabelledReferences
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +51,16 @@ def _start_weights(path: str, config_id: str):
     return overrides
 
 
-def build_infer_task(name: str, path: str) -> InferTask:
+def build_infer_task(name: str, path: str, datastore: Datastore | None = None, conf: dict | None = None) -> InferTask:
+    """The bundle's ``inference.json`` as an infer task. IRIS takes ``conf["references_file"]`` for requests that
+    name no references, else the studies labelled in ``datastore`` (README.md here: label one, segment the rest)."""
     if name == "iris_incontext_segmentation":
+        values = label_values(path)
         return BundleWorkflowInferTask(
-            path, InferType.SEGMENTATION, label_values(path), 3, result=("seg", ".nii.gz"),
-            result_json=("summary", ".json"), request_ids=("strategy", "classes", "references_file"), is_label=True,
+            path, InferType.SEGMENTATION, values, 3, result=("seg", ".nii.gz"), result_json=("summary", ".json"),
+            request_ids=("strategy", "classes", "references_file", "intensity_mode", "image_size"), is_label=True,
+            references_file=(conf or {}).get("references_file"),
+            labelled_references=LabelledReferences(datastore, values) if datastore is not None else None,
         )
     if name == "csr_cxr_classification":
         return BundleWorkflowInferTask(
@@ -122,7 +129,7 @@ class CollectionApp(MONAILabelApp):
     def init_infers(self) -> dict[str, InferTask]:
         infers = {}
         for name, path in self.models.items():
-            infers[name] = build_infer_task(name, path)
+            infers[name] = build_infer_task(name, path, self.datastore(), self.conf)
             logger.info(f"+++ Adding Inferer:: {name} => {path}")
         return infers
 

@@ -13,19 +13,30 @@ study, named by the study's id:
 
 MONAI Label's datastore does not list ``.json`` and ``.txt`` files as labels (its file extensions are images'), so
 these readers take the files from the studies folder themselves: local studies folders only.
+
+:class:`LabelledReferences` turns the studies labelled with label maps (``labels/final/<id>.nii.gz``) into the
+references of an in-context bundle (IRIS), so that labelling one study is enough to segment the others.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from common.data.datalist import resolve_item_paths
+import numpy
+from monailabel.interfaces.datastore import DefaultLabelTag
 
-__all__ = ["LABELS_DIR", "JsonLabels", "YoloLabels", "image_size", "label_file"]
+from common.data.datalist import resolve_item_paths, write_references
+
+from .train import LABEL_MAP_SUFFIXES
+
+__all__ = ["LABELS_DIR", "JsonLabels", "LabelledReferences", "YoloLabels", "image_size", "label_file"]
+
+logger = logging.getLogger(__name__)
 
 LABELS_DIR = os.path.join("labels", "final")
 
@@ -152,3 +163,73 @@ class YoloLabels:
             boxes.append([cls, (cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width,
                           (cy + h / 2) * height])
         return {"image": str(image_path), "boxes": boxes}
+
+
+class LabelledReferences:
+    """References of an in-context bundle from the studies labelled in a MONAI Label datastore.
+
+    The most recently labelled studies (by their final label map's modification time) come first; a study whose
+    label map holds none of ``label_values``' values is passed over, and the study being segmented is never its
+    own reference.
+
+    Args:
+        datastore: MONAI Label datastore; its final label maps (``labels/final``) are read.
+        label_values: class name -> label value, e.g. the bundle's ``metadata.json`` ``label_values``. The
+            references' classes are those whose value one of the chosen label maps holds.
+        num_references: at most this many references. Default 3.
+        label_suffixes: label map files accepted. Default NIfTI and NRRD.
+
+    Calling it with a study's image path and a references file to write returns the ids of the studies written as
+    references, or an empty list (and writes nothing) when no other study has a usable label map.
+    """
+
+    def __init__(
+        self,
+        datastore: Any,
+        label_values: Mapping[str, int],
+        num_references: int = 3,
+        label_suffixes: Sequence[str] = LABEL_MAP_SUFFIXES,
+    ) -> None:
+        if num_references < 1:
+            raise ValueError(f"num_references should be >= 1, got {num_references}.")
+        self.datastore = datastore
+        self.label_values = {str(k): int(v) for k, v in label_values.items()}
+        self.num_references = int(num_references)
+        self.label_suffixes = tuple(label_suffixes)
+
+    def labelled(self, exclude: str | None = None) -> list[tuple[str, str, str]]:
+        """``(image_id, image_path, label_path)`` of the studies with a final label map, most recent first,
+        without the study whose image is ``exclude``."""
+        exclude = os.path.realpath(exclude) if exclude else None
+        studies = []
+        for image_id in self.datastore.get_labeled_images(DefaultLabelTag.FINAL):
+            image = self.datastore.get_image_uri(image_id)
+            label = self.datastore.get_label_uri(image_id, DefaultLabelTag.FINAL)
+            if not image or not label or not label.lower().endswith(self.label_suffixes) or not os.path.isfile(label):
+                continue
+            if exclude and os.path.realpath(image) == exclude:
+                continue
+            studies.append((os.path.getmtime(label), image_id, image, label))
+        studies.sort(key=lambda s: (-s[0], s[1]))
+        return [s[1:] for s in studies]
+
+    def __call__(self, image: str, path: str | os.PathLike) -> list[str]:
+        from monai.transforms import LoadImage
+
+        load = LoadImage(image_only=True)
+        known = set(self.label_values.values())
+        chosen, present = [], set()
+        for image_id, image_path, label_path in self.labelled(exclude=image):
+            values = set(numpy.unique(numpy.asarray(load(label_path))).astype(int).tolist()) & known
+            if not values:
+                logger.info("%s: label map holds none of the values %s; not a reference", image_id, sorted(known))
+                continue
+            chosen.append((image_id, {"image": image_path, "label": label_path}))
+            present |= values
+            if len(chosen) == self.num_references:
+                break
+        if not chosen:
+            return []
+        classes = {name: value for name, value in self.label_values.items() if value in present}
+        write_references(path, [item for _, item in chosen], classes)
+        return [image_id for image_id, _ in chosen]

@@ -8,6 +8,11 @@ study as its only query and a fresh output folder, and returns what the workflow
 The output folder is removed before the task returns: the returned file is moved into a temporary file of its own,
 which MONAI Label's ``/infer`` endpoint deletes after sending it (and after copying it into the datastore when the
 request saves the label); JSON outputs are returned in the result's ``params``.
+
+An in-context bundle (IRIS) segments what its references show. A request that names no ``references_file``, in an
+app that configures none, takes its references from the studies already labelled in the datastore
+(:class:`common.monailabel.datastore.LabelledReferences`): label one study, segment the rest. With no labelled study
+either, the bundle's own references are used.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy
@@ -45,6 +50,11 @@ class BundleWorkflowInferTask(InferTask):
         result_json: ``(postfix, suffix)`` of a JSON output whose content is returned as the result's params.
         request_ids: config ids a request may override through its ``params`` (e.g. IRIS's ``strategy``).
         is_label: whether the returned file is a label map MONAI Label may save to its datastore.
+        references_file: references the app configures for requests that name none (``references_file`` should
+            be one of ``request_ids``). Default None.
+        labelled_references: without ``references_file`` from the request or the app, writes references from the
+            datastore's labelled studies, ``labelled_references(image_path, json_path) -> ids written`` (none: the
+            bundle's own references), e.g. :class:`common.monailabel.datastore.LabelledReferences`. Default None.
     """
 
     def __init__(
@@ -58,6 +68,8 @@ class BundleWorkflowInferTask(InferTask):
         result_json: tuple[str, str] | None = None,
         request_ids: Sequence[str] = (),
         is_label: bool = False,
+        references_file: str | None = None,
+        labelled_references: Callable[[str, str], list[str]] | None = None,
     ):
         metadata = read_metadata(path)
         super().__init__(
@@ -73,6 +85,8 @@ class BundleWorkflowInferTask(InferTask):
         self.result_json = result_json
         self.request_ids = tuple(request_ids)
         self.is_label = is_label
+        self.references_file = references_file or None
+        self.labelled_references = labelled_references
 
     def is_valid(self) -> bool:
         return os.path.exists(os.path.join(self.path, "configs", "inference.json")) and os.path.exists(
@@ -91,6 +105,26 @@ class BundleWorkflowInferTask(InferTask):
         overrides.update({k: params[k] for k in self.request_ids if params.get(k) not in (None, "")})
         return overrides
 
+    def _references(self, request: dict[str, Any], overrides: dict[str, Any], folder: str) -> list[str]:
+        """Set ``references_file`` in ``overrides`` when the request names none: the app's, else one written into
+        ``folder`` from the datastore's labelled studies. Returns the ids of those studies (empty otherwise)."""
+        if "references_file" not in self.request_ids or overrides.get("references_file"):
+            return []
+        if self.references_file:
+            overrides["references_file"] = self.references_file
+            return []
+        if self.labelled_references is None:
+            return []
+        path = os.path.join(folder, "references.json")
+        ids = self.labelled_references(request["image"], path)
+        if ids:
+            overrides["references_file"] = path
+            logger.info("%s: references from the labelled studies %s", request["image"], ids)
+        else:
+            logger.info("%s: no references in the request or the app, and no other labelled study in the "
+                        "datastore: the bundle's own references", request["image"])
+        return ids
+
     def _find(self, output_dir: str, postfix_suffix: tuple[str, str] | None) -> str | None:
         if postfix_suffix is None:
             return None
@@ -100,20 +134,23 @@ class BundleWorkflowInferTask(InferTask):
 
     def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict]:
         output_dir = tempfile.mkdtemp(prefix="monailabel_infer_")
+        references_dir = tempfile.mkdtemp(prefix="monailabel_references_")
         try:
+            overrides = self._overrides(request, output_dir)
+            reference_ids = self._references(request, overrides, references_dir)
             workflow = ConfigWorkflow(
                 config_file=os.path.join(self.path, "configs", "inference.json"),
                 meta_file=os.path.join(self.path, "configs", "metadata.json"),
                 workflow_type="infer",
                 bundle_root=self.path,
-                **self._overrides(request, output_dir),
+                **overrides,
             )
             workflow.initialize()
             workflow.run()
             workflow.finalize()
             if not self.is_label:
                 request["save_label"] = False  # a heatmap or preview is no label map for the datastore
-            params: dict[str, Any] = {}
+            params: dict[str, Any] = {"references": reference_ids} if reference_ids else {}
             json_file = self._find(output_dir, self.result_json)
             if json_file:
                 with open(json_file) as f:
@@ -126,6 +163,7 @@ class BundleWorkflowInferTask(InferTask):
             result_file = self._keep(found) if found else None
         finally:
             shutil.rmtree(output_dir, ignore_errors=True)
+            shutil.rmtree(references_dir, ignore_errors=True)
         logger.info("%s -> %s", request["image"], result_file)
         return result_file, params
 
