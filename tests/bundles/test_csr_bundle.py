@@ -10,10 +10,11 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from monai.bundle import ConfigParser
 from PIL import Image
 
 from common.data import generate_synthetic_cxr
-from tests.bundles.runner import BUNDLES
+from tests.bundles.runner import BUNDLES, assert_kept, snapshot
 from tests.bundles.runner import bundle_run as run_bundle
 
 BUNDLE = BUNDLES / "csr_cxr_classification"
@@ -62,14 +63,39 @@ def test_stages_chain_and_freeze_what_they_should(trained):
 
 
 def test_evaluate_reports_auc_and_localisation(data, trained, tmp_path):
-    # a model grid other than the images' (128) checks that concept masks follow the image through the resize
+    # a model grid (96) other than the images' (128): every concept mask reaches the localisation metrics
     bundle_run(["train.json", "evaluate.json"], "--dataset_dir", str(data), "--ckpt_dir", str(trained),
                "--output_dir", str(tmp_path), "--image_size", "[96,96]")
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["images"] == 6
+    test = json.loads((data / "datalist.json").read_text())["test"]
+    assert metrics["images"] == len(test) == 6
     for key in ("disease_macro_auc", "concept_macro_auc", "cam_peak_in_region", "prototype_peak_in_region"):
-        assert key in metrics
+        assert 0.0 <= metrics[key] <= 1.0, key
     assert set(metrics["per_concept"]) >= {"nodule", "effusion", "cardiomegaly"}
+    for name, entry in metrics["per_concept"].items():
+        assert entry["localised_images"] == sum(name in item.get("concept_masks", {}) for item in test), name
+
+
+def test_evaluate_resizes_concept_masks_with_the_image(data):
+    # the evaluation's own preprocessing at a grid other than the images': each concept mask lands on its lesion's
+    # box scaled from 128 to 96 pixels (masks transposed, shifted or left at 128 would not)
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / "train.json"), str(BUNDLE / "configs" / "evaluate.json")])
+    parser.update({"bundle_root": str(BUNDLE), "dataset_dir": str(data), "image_size": [96, 96]})
+    dataset = parser.get_parsed_content("evaluate#dataset")
+    test = json.loads((data / "datalist.json").read_text())["test"]
+    scale, checked = 96 / 128, 0
+    for item, sample in zip(test, dataset):
+        masks = np.asarray(sample["concept_mask"])
+        assert masks.shape == (11, 96, 96) and sample["image"].shape == (1, 96, 96)
+        for concept, *box in item["boxes"]:  # [x0, y0, x1, y1] on the 128 grid; arrays are (x, y)
+            extent = [np.nonzero(masks[concept].any(axis=1 - axis))[0] for axis in (0, 1)]
+            for axis, pixels in enumerate(extent):
+                low, high = box[axis] * scale, box[axis + 2] * scale
+                assert low - 1 <= pixels.min() and pixels.max() <= high + 1, (item["image"], concept, axis)
+                assert abs((pixels.min() + pixels.max()) / 2 - (low + high) / 2) <= 1.5, (item["image"], concept)
+            checked += 1
+    assert checked >= 10
 
 
 def _infer(trained: Path, out: Path, *args: str) -> dict:
@@ -80,6 +106,10 @@ def _infer(trained: Path, out: Path, *args: str) -> dict:
 def test_inference_writes_explanations(trained, tmp_path):
     report = _infer(trained, tmp_path)
     assert len(report["completed"]) == 2 and not report["failed"]
+    before = snapshot(tmp_path)  # a second run with --overwrite false skips both images and replaces nothing
+    again = _infer(trained, tmp_path, "--overwrite", "false")
+    assert_kept(before, tmp_path)
+    assert not again["completed"] and [s["source"] for s in again["skipped"]] == report["completed"]
     for source in report["completed"]:
         stem = Path(source).stem
         explanation = json.loads((tmp_path / f"{stem}_explanation.json").read_text())
@@ -134,7 +164,10 @@ def test_bad_inputs_are_reported_and_others_complete(trained, tmp_path):
         {"image": str(nopix)}, {"image": str(second), "roi": str(roi)},
     ]}))
     out = tmp_path / "out"
-    report = _infer(trained, out, "--queries", str(queries))
+    proc = bundle_run("inference.json", "--ckpt_path", str(trained / "model.pt"), "--output_dir", str(out), *SMALL,
+                      "--queries", str(queries), check=False)
+    assert proc.returncode == 1 and "5 case(s) failed, 1 completed" in proc.stderr
+    report = json.loads((out / "run_report.json").read_text())
     assert report["completed"] == [str(good)]
     errors = [f["error"] for f in report["failed"]]
     assert len(errors) == 5

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -16,9 +17,10 @@ from common.data import generate_ct_report_dataset
 from tests.bundles.runner import BUNDLES, assert_kept, snapshot
 from tests.bundles.runner import bundle_run as run_bundle
 from tests.bundles.runner import torchrun_bundle
+from tests.bundles.test_csr_learning import deterministic
 
 BUNDLE = BUNDLES / "ct_report_encoder"
-TRAIN = ["--max_epochs", "12", "--val_interval", "12", "--batch_size", "8", "--learning_rate", "0.003"]
+TRAIN = ["--max_epochs", "12", "--val_interval", "12", "--batch_size", "8", "--learning_rate", "0.001"]
 pytestmark = pytest.mark.xdist_group(name="ct_encoder_bundle")
 
 
@@ -41,38 +43,57 @@ def data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(data, tmp_path_factory) -> Path:
+def fixed() -> Iterator[list[str]]:
+    """One thread and deterministic algorithms for the runs whose figures are asserted (measured twice: the same
+    figures)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        yield deterministic(BUNDLE, monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def trained(data, fixed, tmp_path_factory) -> Path:
     ckpt = tmp_path_factory.mktemp("models")
     bundle_run("train.json", "--dataset_dir", str(data), "--ckpt_dir", str(ckpt), "--output_dir", str(ckpt / "tb"),
-               *TRAIN)
+               *TRAIN, *fixed)
     return ckpt
 
 
-def _evaluate(data: Path, out: Path, ckpt_path: str) -> dict:
+def _evaluate(data: Path, out: Path, ckpt_path: str, fixed: list[str]) -> dict:
     bundle_run(["train.json", "evaluate.json"], "--dataset_dir", str(data), "--ckpt_path", ckpt_path,
-               "--output_dir", str(out), "--evaluate_split", "validation")
+               "--output_dir", str(out), "--evaluate_split", "validation", *fixed)
     assert "| text to image |" in (out / "retrieval_metrics.md").read_text()
     return json.loads((out / "retrieval_metrics.json").read_text())
 
 
-def test_training_learns_heldout_retrieval_and_region_alignment_above_chance(data, trained, tmp_path):
+def test_training_learns_heldout_retrieval_and_region_alignment_above_chance(data, trained, fixed, tmp_path):
     """A 12-epoch CPU run on 60 cases, measured on the 100 held-out ones: reports find their volume (text->image
-    Recall@10) and region sentences find their region well above chance and above the untrained model. Measured:
-    R@10 0.21 (untrained 0.10, chance 0.10), region alignment 0.77 (untrained 0.04, chance 0.125). The shipped
-    weights' longer run reaches higher; its numbers are in the docs."""
+    Recall@10) and region sentences find their region above chance and above the untrained model. The shipped
+    weights' longer run reaches higher; its numbers are in the docs.
+
+    Deterministic (two runs give the same weights). Measured over training seeds 0-4 (``--seed``, same data; the
+    test runs the config's seed 0), untrained R@10 0.10 (chance 0.10) and region alignment 0.04 (chance 0.125):
+
+    - R@10: 0.19, 0.22, 0.18, 0.18, 0.16 (min 0.16, median 0.18, max 0.22).
+    - region alignment: 0.916, 0.910, 0.876, 0.949, 0.871 (min 0.871, median 0.910, max 0.949).
+
+    At learning rate 0.003, as this test ran before, R@10 spread over 0.10-0.21 (seed 3 at chance) and region
+    alignment over 0.747-0.938. The R@10 threshold (0.14, chance + 0.04: above chance by more than its standard
+    deviation, 0.03) sits 0.02 below the worst seed; the region threshold (chance + 0.6 = 0.725) about 0.15 below.
+    """
     assert (trained / "model.pt").is_file()
-    learned = _evaluate(data, tmp_path / "trained", str(trained / "model.pt"))
-    untrained = _evaluate(data, tmp_path / "untrained", "")
+    learned = _evaluate(data, tmp_path / "trained", str(trained / "model.pt"), fixed)
+    untrained = _evaluate(data, tmp_path / "untrained", "", fixed)
     for metrics in (learned, untrained):
         assert metrics["cases"] == 100 and metrics["chance_R@10"] == pytest.approx(10 / 100)
         assert [f["source"] for f in metrics["failed"]] == [str(data / "images" / "empty_report.nii.gz")]
         assert "empty impression" in metrics["failed"][0]["error"]
         assert 0.0 <= metrics["text_to_image_R@5"] <= metrics["text_to_image_R@10"] <= 1.0
-    assert learned["text_to_image_R@10"] >= learned["chance_R@10"] + 0.07, learned
-    assert learned["text_to_image_R@10"] >= untrained["text_to_image_R@10"] + 0.06, (learned, untrained)
+    # seed 0: R@10 0.19, region alignment 0.916
+    assert learned["text_to_image_R@10"] >= learned["chance_R@10"] + 0.04, learned
+    assert learned["text_to_image_R@10"] >= untrained["text_to_image_R@10"] + 0.04, (learned, untrained)
     chance = learned["chance_region_alignment"]
-    assert learned["region_alignment_accuracy"] >= chance + 0.4, learned
-    assert learned["region_alignment_accuracy"] >= untrained["region_alignment_accuracy"] + 0.4, (learned, untrained)
+    assert learned["region_alignment_accuracy"] >= chance + 0.6, learned
+    assert learned["region_alignment_accuracy"] >= untrained["region_alignment_accuracy"] + 0.6, (learned, untrained)
 
 
 def _write(path: Path, array: np.ndarray, dtype=np.int16) -> str:

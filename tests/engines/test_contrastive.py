@@ -3,11 +3,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from ignite.engine import Events
 from torch.utils.data import DataLoader
 
 from common.data import collate_reports, generate_ct_report_case
 from common.engines import (
+    CasesFailedError,
     ContrastiveTrainer,
     EncodingInferer,
     ImageTextModel,
@@ -22,15 +24,19 @@ from common.networks import TextEncoder, ct_vit_tiny
 SHAPE = (16, 64, 64)
 
 
-@pytest.fixture(scope="module")
-def cases() -> list[dict]:
+def _cases(num: int) -> list[dict]:
     out = []
-    for seed in range(3):
+    for seed in range(num):
         image, mask, report, _, _ = generate_ct_report_case(np.random.default_rng(seed), SHAPE)
         volume = torch.from_numpy(np.clip((image.transpose(2, 1, 0) + 1000.0) / 2000.0, 0, 1))[None].float()
         out.append({"image": volume, "mask": torch.from_numpy(mask.transpose(2, 1, 0).astype(np.int64))[None],
                     "report": report})
     return out
+
+
+@pytest.fixture(scope="module")
+def cases() -> list[dict]:
+    return _cases(3)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +123,28 @@ def test_inferer_and_evaluator_shapes(cases, text_encoder):
     evaluator = RetrievalEvaluator("cpu", loader, model.image_encoder, text_encoder=model,
                                    key_val_metric={"r5": RetrievalMetric("text_to_image_R@5")},
                                    additional_metrics={"all": RetrievalMetric(None)})
-    evaluator.run()
-    assert evaluator.state.metrics["r5"] == 1.0  # 3 cases, 5 candidates: every text finds its volume
+    with pytest.raises(CasesFailedError, match="1 case\\(s\\) failed, 3 completed"):  # after scoring the others
+        evaluator.run()
     assert evaluator.state.metrics["cases"] == 3 and evaluator.state.metrics["region_pairs"] >= 3
     assert [f["source"] for f in evaluator.state.case_failures] == ["bad.nii.gz"]
+
+
+def test_evaluator_recall_matches_the_ranks_of_its_cases(text_encoder):
+    # 8 cases, 8 different impressions: an untrained model's Recall@1 and Recall@5 are below 1, so they check that
+    # the evaluator pairs each case's volume with its own report across batches and counts ranks as they are
+    cases, model = _cases(8), _model(text_encoder)
+    with torch.no_grad():
+        image = torch.cat([model.image_encoder.encode(c["image"][None], c["mask"][None])["global"] for c in cases])
+        text = model.embed_texts([c["report"]["impression"] for c in cases])
+    sim = F.normalize(text, dim=-1) @ F.normalize(image, dim=-1).T  # (text, volume)
+    rank = (sim > sim.diagonal()[:, None]).sum(1)  # volumes scoring above each text's own
+    expected = {k: float((rank < k).float().mean()) for k in (1, 5)}
+    assert expected[1] < expected[5] < 1.0, rank
+    loader = DataLoader(cases, batch_size=1, collate_fn=collate_reports)
+    evaluator = RetrievalEvaluator("cpu", loader, model.image_encoder, text_encoder=model,
+                                   key_val_metric={"r5": RetrievalMetric("text_to_image_R@5")},
+                                   additional_metrics={"all": RetrievalMetric(None)})
+    evaluator.run()
+    metrics = evaluator.state.metrics
+    assert metrics["r5"] == pytest.approx(expected[5]) and metrics["text_to_image_R@1"] == pytest.approx(expected[1])
+    assert metrics["chance_R@5"] == pytest.approx(5 / 8) and metrics["cases"] == 8

@@ -106,6 +106,11 @@ def server(tmp_path_factory, server_tmp):
         shutil.copy(IRIS_SAMPLE / f"labelsTr/{name}.nii.gz", studies / f"labels/final/{name}.nii.gz")
     _add_cxr_labels(studies)
     _add_ct_labels(studies)
+    yield from _serve(tmp_path_factory, studies, server_tmp)
+
+
+def _serve(tmp_path_factory, studies: Path, server_tmp: Path):
+    """Start the app on ``studies``, yield its URL, then stop it and remove the training runs it made."""
     port = _free_port()
     env = {**os.environ, "MONAI_LABEL_SESSION_PATH": str(tmp_path_factory.mktemp("sessions")),
            "TMPDIR": str(server_tmp)}
@@ -196,9 +201,20 @@ def test_infer_ct_encoder_embedding(server):
 
 def test_infer_yolo_boxes(server):
     result = _infer(server, "yolo_cxr_detection", "cxr_0000").json()["result"]
-    assert isinstance(result["detections"], list)
+    height, width = result["image_size"]  # [rows, columns]
+    assert result["detections"], result  # the shipped weights find the sample's effusion (measured: score 0.61)
     for d in result["detections"]:
-        assert len(d["box"]) == 4 and 0 <= d["score"] <= 1 and d["class"] in result["class_names"]
+        x0, y0, x1, y1 = d["box"]
+        assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height, d
+        assert 0 <= d["score"] <= 1 and result["class_names"][d["class_index"]] == d["class"], d
+    # the labelled effusion of the study (class 4) has a detection of its class on it
+    truth = next(b[1:] for b in _datalist_items(CSR_SAMPLE)["cxr_0000"]["boxes"] if b[0] == 4)
+    assert max(_iou(d["box"], truth) for d in result["detections"] if d["class_index"] == 4) >= 0.5, result
+
+
+def _iou(a: list[float], b: list[float]) -> float:
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 def test_infer_leaves_no_temporary_files(server, server_tmp):
@@ -251,3 +267,79 @@ def test_train_yolo_one_epoch(server):
                  warmup_epochs=0.0)
     assert (run / "checkpoints/model.pt").is_file(), sorted(run.rglob("*"))
     assert (run / "pretrained.pt").is_file()  # started from the shipped weights
+
+
+@pytest.fixture(scope="module")
+def mni_server(tmp_path_factory):
+    """The app on two MNI152 queries, study A (``mni152_q000``) labelled in ``labels/final``, study B
+    (``mni152_q001``) not; yields the URL and the task folder (``queries/<id>_labels.nii.gz``: true label maps)."""
+    from common.data import build_mni152_task
+
+    task = tmp_path_factory.mktemp("mni152")
+    build_mni152_task(task, num_queries=2)
+    studies = tmp_path_factory.mktemp("mni_studies")
+    (studies / "labels/final").mkdir(parents=True)
+    for name in ("mni152_q000", "mni152_q001"):
+        shutil.copy(task / f"queries/{name}.nii.gz", studies / f"{name}.nii.gz")
+    # gray/white matter (MNI152 values 1 and 2) stand for the IRIS label values 1 and 2 (metadata.json's names)
+    shutil.copy(task / "queries/mni152_q000_labels.nii.gz", studies / "labels/final/mni152_q000.nii.gz")
+    yield from ((url, task) for url in _serve(tmp_path_factory, studies, tmp_path_factory.mktemp("mni_tmp")))
+
+
+def _dice(pred, truth, values) -> float:
+    import numpy as np
+
+    return float(np.mean([2 * np.sum((pred == v) & (truth == v)) / max(1, np.sum(pred == v) + np.sum(truth == v))
+                          for v in values]))
+
+
+@pytest.fixture(scope="module")
+def mni_label_one(mni_server):
+    """``/infer`` IRIS on study B with no references: (the result's params, its Dice, the copy-reference Dice)."""
+    import nibabel as nib
+    import numpy as np
+
+    url, task = mni_server
+    params = _infer(url, "iris_incontext_segmentation", "mni152_q001", intensity_mode="mr").json()
+    r = _infer(url, "iris_incontext_segmentation", "mni152_q001", output="image", intensity_mode="mr")
+    seg = nib.Nifti1Image.from_bytes(gzip.decompress(r.content))
+    truth = nib.load(task / "queries/mni152_q001_labels.nii.gz")
+    reference = nib.load(task / "queries/mni152_q000_labels.nii.gz")
+    assert seg.shape == truth.shape == reference.shape and np.allclose(reference.affine, truth.affine)
+    truth_values = np.asarray(truth.dataobj)
+    dice = _dice(np.asarray(seg.dataobj), truth_values, (1, 2))
+    copy = _dice(np.asarray(reference.dataobj), truth_values, (1, 2))  # A's label map as B's prediction
+    print(f"label one, segment the rest (MNI152 gray/white matter): Dice {dice:.3f}, copy-reference {copy:.3f}")
+    return params, dice, copy
+
+
+def test_infer_iris_references_from_labelled_study(mni_server, mni_label_one):
+    """Label one study, segment the rest: with no references named, IRIS takes the labelled study A as its only
+    reference for study B, with the classes of A's label map (label values 1 and 2 of ``metadata.json``); A itself,
+    the only labelled study, falls back to the bundle's own references.
+
+    Measured (shipped weights, ensemble = one-shot with one reference, 64^3, MR intensities, 2 CPU cores): Dice
+    0.009 (mean of gray and white matter) against copy-reference 0.553; the quality bar is
+    ``test_infer_iris_labelled_references_quality``.
+    """
+    params, dice, copy = mni_label_one
+    assert params["references"] == ["mni152_q000"], params
+    classes = params["result"]["classes"]
+    assert {k: v["label_value"] for k, v in classes.items()} == {"bright_ellipsoid": 1, "dark_tube": 2}, classes
+    assert 0.0 <= dice <= 1.0 and copy > 0.4, (dice, copy)
+    own = _infer(mni_server[0], "iris_incontext_segmentation", "mni152_q000", intensity_mode="mr").json()
+    assert "references" not in own, own  # never its own reference
+    assert len(own["result"]["classes"]) == 9  # the bundle's embedded references
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped weights (trained on synthetic CT-like shapes) score Dice 0.009 "
+                   "on MNI152 against copy-reference 0.553; awaits the retrained weights")
+def test_infer_iris_labelled_references_quality(mni_label_one):
+    """Study B segmented from labelled study A beats Dice 0.3 and copying A's label map.
+
+    Measured with the shipped weights: Dice 0.009, copy-reference 0.553, so this is an expected failure until the
+    retrained weights ship (strict: it reports when they pass, and the mark should then go).
+    """
+    _, dice, copy = mni_label_one
+    assert dice > 0.3, (dice, copy)
+    assert dice > copy, (dice, copy)

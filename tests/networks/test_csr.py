@@ -24,22 +24,22 @@ TEST_CASES = [
     [csr_vit_b16, {**SMALL, "proj_hidden": 32, "proj_dim": 16}, (1, 1, 224, 224), (768, 14, 14)],
 ]
 
-# constructor kwargs for csr_tiny that raise ValueError
+# constructor kwargs for csr_tiny that raise ValueError, the error message's start
 ILL_CASES = [
-    {"num_concepts": 0},
-    {"prototypes_per_concept": 0},
-    {"num_classes": 0},
-    {"proj_dim": 2.5},
-    {"in_channels": 0},
-    {"cam_pool": "median"},
-    {"roi_mode": "mask"},
-    {"lse_r": 0.0},
-    {"attention_temperature": -1.0},
-    {"training_stage": 4},
-    {"backbone": "vgg16"},
-    {"backbone_channels": 64},  # the tiny backbone gives 32
-    {"backbone": nn.Identity()},  # a module backbone needs backbone_channels
-    {"backbone": 3},
+    [{"num_concepts": 0}, "num_concepts should be"],
+    [{"prototypes_per_concept": 0}, "prototypes_per_concept should be"],
+    [{"num_classes": 0}, "num_classes should be"],
+    [{"proj_dim": 2.5}, "proj_dim should be"],
+    [{"in_channels": 0}, "in_channels should be"],
+    [{"cam_pool": "median"}, "Unsupported option 'median'"],
+    [{"roi_mode": "mask"}, "Unsupported option 'mask'"],
+    [{"lse_r": 0.0}, "lse_r should be"],
+    [{"attention_temperature": -1.0}, "attention_temperature should be"],
+    [{"training_stage": 4}, "'4' is not a valid value"],
+    [{"backbone": "vgg16"}, "Unsupported option 'vgg16'"],
+    [{"backbone_channels": 64}, "backbone_channels should be 32 for tiny"],  # the tiny backbone gives 32
+    [{"backbone": nn.Identity()}, "backbone_channels should be a positive integer for a module backbone"],
+    [{"backbone": 3}, "backbone should be a backbone name or an nn.Module"],
 ]
 
 
@@ -181,7 +181,7 @@ def test_ill_roi(roi_mode):
     with pytest.raises(ValueError, match="empty"):
         net(image, roi)
     for shape in [(2, 2, 64, 64), (3, 1, 64, 64), (2, 64, 64)]:
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="roi_mask should have shape"):
             net(image, torch.ones(shape))
 
 
@@ -205,8 +205,9 @@ def test_concept_intervention_follows_the_linear_head():
     net.clear_intervention()
     with torch.no_grad():
         torch.testing.assert_close(net(image), base["logits"])
-    for off, on in [([3], []), ([], [-1]), ([1], [1])]:
-        with pytest.raises(ValueError):
+    for off, on, message in [([3], [], "off should hold concept indices"), ([], [-1], "on should hold concept indices"),
+                             ([1], [1], "off and on should not share")]:
+        with pytest.raises(ValueError, match=message):
             net.set_concept_intervention(off=off, on=on)
 
 
@@ -303,9 +304,9 @@ def test_kmeans_init_finds_cluster_centres():
     first = net.prototypes.detach().clone()
     net.init_prototypes_kmeans(vectors, present, seed=0)
     assert torch.equal(net.prototypes.detach(), first)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="local_vectors should have shape"):
         net.init_prototypes_kmeans(vectors[:, :2], present[:, :2])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="concept_present should have shape"):
         net.init_prototypes_kmeans(vectors, present[:10])
 
 
@@ -393,9 +394,9 @@ def test_torchscript_matches_eager():
         torch.testing.assert_close(script_out[key], eager[key])
 
 
-@pytest.mark.parametrize("kwargs", ILL_CASES)
-def test_ill_arguments(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("kwargs, message", ILL_CASES)
+def test_ill_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
         csr_tiny(**{**SMALL, **kwargs})
 
 

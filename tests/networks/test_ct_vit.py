@@ -32,18 +32,19 @@ TEST_CASES = [
     [{**TINY, "in_channels": 2, "multiscale_layers": (3,)}, (1, 2, 12, 32, 32), True, 3 * 2 * 2],
 ]
 
+# kwargs, the error message's start
 ILL_CASES = [
-    {"img_size": (15, 64, 64)},
-    {"patch_size": (0, 16, 16)},
-    {"patch_size": (4, 16)},
-    {"hidden_size": 30},  # not divisible by 4 heads
-    {"num_layers": 0},
-    {"num_regions": 0},
-    {"out_dim": 2.5},
-    {"mlp_ratio": 0.0},
-    {"multiscale_layers": (0, 3)},
-    {"multiscale_layers": (4,)},
-    {"attention_impl": "xformers"},
+    [{"img_size": (15, 64, 64)}, "img_size should be divisible by patch_size"],
+    [{"patch_size": (0, 16, 16)}, "patch_size should be"],
+    [{"patch_size": (4, 16)}, "patch_size should be"],
+    [{"hidden_size": 30}, "num_heads should divide hidden_size=30"],  # not divisible by 4 heads
+    [{"num_layers": 0}, "num_layers should be"],
+    [{"num_regions": 0}, "num_regions should be"],
+    [{"out_dim": 2.5}, "out_dim should be"],
+    [{"mlp_ratio": 0.0}, "mlp_ratio should be"],
+    [{"multiscale_layers": (0, 3)}, "multiscale_layers should be"],
+    [{"multiscale_layers": (4,)}, "multiscale_layers should be"],
+    [{"attention_impl": "xformers"}, "Unsupported option 'xformers'"],
 ]
 
 
@@ -112,9 +113,9 @@ def test_docstring_example_and_factories():
     assert round(sum(p.numel() for p in base.parameters()) / 1e6, 1) == 132.5
 
 
-@pytest.mark.parametrize("kwargs", ILL_CASES)
-def test_ill_arguments(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("kwargs, message", ILL_CASES)
+def test_ill_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
         CTViT(**{**TINY, **kwargs})
 
 

@@ -16,19 +16,20 @@ TEST_CASES = [
     [{"channels": (8, 16, 32), "decoder_depth": 1}, (1, 2, 2), (12, 8, 16), (1, 2, 12, 8, 16)],
 ]
 
-# [factory kwargs, image shape, reference image shape, reference mask shape]
+IMAGE, REF = (1, 1, 16, 16, 16), (1, 1, 1, 16, 16, 16)
+# [factory kwargs, image shape, reference image shape, reference mask shape, the error message's start]
 ILL_CASES = [
-    [{}, (1, 2, 16, 16, 16), (1, 1, 2, 16, 16, 16), (1, 1, 1, 16, 16, 16)],  # 2 channels, in_channels=1
-    [{}, (1, 1, 16, 16, 16), (1, 1, 2, 16, 16, 16), (1, 1, 1, 16, 16, 16)],  # references with 2 channels
-    [{}, (1, 1, 20, 16, 16), (1, 1, 1, 16, 16, 16), (1, 1, 1, 16, 16, 16)],  # 20 not divisible by 8
-    [{}, (1, 1, 16, 16, 16), (1, 1, 1, 16, 12, 16), (1, 1, 1, 16, 12, 16)],  # 12 not divisible by 8
-    [{}, (1, 1, 16, 16), (1, 1, 1, 16, 16, 16), (1, 1, 1, 16, 16, 16)],  # 2D query for a 3D network
-    [{}, (1, 1, 16, 16, 16), (1, 1, 1, 16, 16, 16), (1, 1, 1, 16, 16, 8)],  # mask grid != image grid
-    [{"spatial_dims": 4}, (1, 1, 16, 16, 16), (1, 1, 1, 16, 16, 16), (1, 1, 1, 16, 16, 16)],
-    [{"num_heads": 3}, (1, 1, 16, 16, 16), (1, 1, 1, 16, 16, 16), (1, 1, 1, 16, 16, 16)],  # 3 does not divide 64
-    [{"channels": (8,)}, (1, 1, 16, 16, 16), (1, 1, 1, 16, 16, 16), (1, 1, 1, 16, 16, 16)],
-    [{"num_query_tokens": 0}, (1, 1, 16, 16, 16), (1, 1, 1, 16, 16, 16), (1, 1, 1, 16, 16, 16)],
-    [{"decoder_depth": 0}, (1, 1, 16, 16, 16), (1, 1, 1, 16, 16, 16), (1, 1, 1, 16, 16, 16)],
+    [{}, (1, 2, 16, 16, 16), (1, 1, 2, 16, 16, 16), REF, "^image should have shape"],  # 2 channels, in_channels=1
+    [{}, IMAGE, (1, 1, 2, 16, 16, 16), REF, "^ref_image should have shape"],  # references with 2 channels
+    [{}, (1, 1, 20, 16, 16), REF, REF, "^image spatial sizes should be divisible by 8"],  # 20
+    [{}, IMAGE, (1, 1, 1, 16, 12, 16), (1, 1, 1, 16, 12, 16), "^ref_image spatial sizes should be divisible by 8"],
+    [{}, (1, 1, 16, 16), REF, REF, "^image should have shape .* with 3 spatial dims"],  # 2D query, 3D network
+    [{}, IMAGE, REF, (1, 1, 1, 16, 16, 8), "ref_mask .* should share batch, reference and spatial sizes"],
+    [{"spatial_dims": 4}, IMAGE, REF, REF, "spatial_dims should be 2 or 3"],
+    [{"num_heads": 3}, IMAGE, REF, REF, "num_heads should divide channels"],  # 3 does not divide 64
+    [{"channels": (8,)}, IMAGE, REF, REF, "channels should list at least two stages"],
+    [{"num_query_tokens": 0}, IMAGE, REF, REF, "num_query_tokens and decoder_depth should be >= 1, got 0, 2"],
+    [{"decoder_depth": 0}, IMAGE, REF, REF, "num_query_tokens and decoder_depth should be >= 1, got 4, 0"],
 ]
 
 # [feature shape (N, C, *low), mask shape (N, K, *high), interpolation mode]
@@ -79,9 +80,9 @@ def test_single_reference_without_reference_axis():
     torch.testing.assert_close(out5, out6)
 
 
-@pytest.mark.parametrize("kwargs, image_shape, ref_shape, mask_shape", ILL_CASES)
-def test_ill_arguments(kwargs, image_shape, ref_shape, mask_shape):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("kwargs, image_shape, ref_shape, mask_shape, message", ILL_CASES)
+def test_ill_arguments(kwargs, image_shape, ref_shape, mask_shape, message):
+    with pytest.raises(ValueError, match=message):
         net = iris_small(**kwargs)
         net(torch.rand(*image_shape), torch.rand(*ref_shape), torch.ones(*mask_shape))
 

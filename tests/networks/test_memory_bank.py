@@ -5,12 +5,13 @@ import torch
 
 from common.networks import ClassMemoryBank
 
+# kwargs, the error message's start
 ILL_CASES = [
-    {"momentum": 1.0},
-    {"momentum": -0.1},
-    {"momentum": 1.5},
-    {"capacity": 0},
-    {"capacity": -3},
+    [{"momentum": 1.0}, "momentum should be"],
+    [{"momentum": -0.1}, "momentum should be"],
+    [{"momentum": 1.5}, "momentum should be"],
+    [{"capacity": 0}, "capacity should be"],
+    [{"capacity": -3}, "capacity should be"],
 ]
 
 
@@ -18,9 +19,9 @@ def _bank(**kwargs) -> ClassMemoryBank:
     return ClassMemoryBank(**{"num_tokens": 3, "embed_dim": 4, "capacity": 4, "momentum": 0.9, **kwargs})
 
 
-@pytest.mark.parametrize("kwargs", ILL_CASES)
-def test_ill_arguments(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("kwargs, message", ILL_CASES)
+def test_ill_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
         _bank(**kwargs)
 
 
@@ -112,7 +113,7 @@ def test_capacity_overflow():
 @pytest.mark.parametrize("names, shape", [[["a"], (2, 3, 4)], [["a", "b"], (2, 3, 5)], [["a"], (1, 4, 4)]])
 def test_update_with_wrong_shape(names, shape):
     bank = _bank()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="embeddings should have shape"):
         bank.update(names, torch.zeros(*shape))
     assert bank.class_names == []
 

@@ -10,12 +10,13 @@ from common.networks.text_encoder import TextEncoder, default_text_model_dir
 
 TEXTS = ["A 12 mm nodule in the right lung.", "A 30 mm cyst in the liver.", "No acute abnormality."]
 
+# kwargs, the error message's start
 ILL_CASES = [
-    {"out_dim": 0},
-    {"freeze": "some"},
-    {"freeze": "last_n", "num_trainable_layers": 7},  # MiniLM-L6 has 6 layers
-    {"num_trainable_layers": 0},
-    {"max_length": 0},
+    [{"out_dim": 0}, "out_dim should be"],
+    [{"freeze": "some"}, "'some' is not a valid value"],
+    [{"freeze": "last_n", "num_trainable_layers": 7}, "num_trainable_layers should be at most 6"],  # MiniLM-L6
+    [{"num_trainable_layers": 0}, "num_trainable_layers should be"],
+    [{"max_length": 0}, "max_length should be"],
 ]
 
 
@@ -100,9 +101,9 @@ def test_freezing(freeze, n, trainable_layers):
         assert (p.grad is not None) == p.requires_grad, name
 
 
-@pytest.mark.parametrize("kwargs", ILL_CASES)
-def test_ill_arguments(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("kwargs, message", ILL_CASES)
+def test_ill_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
         TextEncoder(**kwargs)
 
 

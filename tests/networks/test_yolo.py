@@ -15,11 +15,14 @@ TEST_CASES = [
     [{"model": "yolov8n.yaml", "num_classes": 14}, (2, 1, 64, 96), (2, 18, 8 * 12 + 4 * 6 + 2 * 3)],
     [{"model": "yolo11n.yaml", "num_classes": 1, "in_channels": 3}, (1, 3, 64, 64), (1, 5, 64 + 16 + 4)],
 ]
+# kwargs, the error message's start
 ILL_CASES = [
-    {"model": "yolov5n.pt"},  # weights go to `weights`; nothing is fetched by name
-    {"model": "yolov10n.yaml"},  # NMS-free head: another output format
-    {"num_classes": 0},
-    {"in_channels": 2},
+    # weights go to `weights`; nothing is fetched by name
+    [{"model": "yolov5n.pt"}, "model should be an ultralytics model YAML.*got 'yolov5n.pt'"],
+    # NMS-free head: another output format
+    [{"model": "yolov10n.yaml"}, "model should be an ultralytics model YAML.*got 'yolov10n.yaml'"],
+    [{"num_classes": 0}, "num_classes should be"],
+    [{"in_channels": 2}, "in_channels should be 1 or 3"],
 ]
 
 
@@ -32,9 +35,9 @@ def test_shapes(kwargs, in_shape, out_shape):
     assert torch.all((out[:, 4:] >= 0) & (out[:, 4:] <= 1))  # class scores are probabilities
 
 
-@pytest.mark.parametrize("kwargs", ILL_CASES)
-def test_bad_arguments(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("kwargs, message", ILL_CASES)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
         YOLODetector(**kwargs)
 
 
