@@ -138,6 +138,25 @@ def evaluate_strategies(
     """
     baseline_runs = [(name, look_up_option(name, BASELINES)) for name in baselines]
     results: dict[str, dict[str, float]] = {}
+    # every strategy runs and the files are written before a run with failed cases fails (fail_on_errors)
+    fail_on_errors, evaluator.fail_on_errors = evaluator.fail_on_errors, False
+    try:
+        _sweep(evaluator, strategies, baseline_runs, metric_name, results)
+    finally:
+        evaluator.fail_on_errors = fail_on_errors
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = per_class_dice_table(results)
+    (out / f"{filename}.json").write_text(json.dumps(results, indent=4))
+    (out / f"{filename}.md").write_text(table)
+    logger.info("per-class Dice (%s):\n%s", out / f"{filename}.md", table)
+    if fail_on_errors:
+        evaluator.raise_failures()
+    return results
+
+
+def _sweep(evaluator: InContextEvaluator, strategies: Sequence[str], baseline_runs: list[tuple[str, str]],
+           metric_name: str, results: dict[str, dict[str, float]]) -> None:
     for strategy in strategies:
         evaluator.prompt.strategy = strategy
         evaluator.run()
@@ -150,10 +169,3 @@ def evaluate_strategies(
         _run_baseline(evaluator, strategy)
         results[baseline], cases = _per_class(evaluator, metric_name)
         logger.info("%s (no model): mean Dice %.4f over %d cases", baseline, results[baseline]["mean"], cases)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    table = per_class_dice_table(results)
-    (out / f"{filename}.json").write_text(json.dumps(results, indent=4))
-    (out / f"{filename}.md").write_text(table)
-    logger.info("per-class Dice (%s):\n%s", out / f"{filename}.md", table)
-    return results

@@ -88,8 +88,12 @@ def evaluate_retrieval(
 ) -> dict:
     """Run ``evaluator`` and write its :class:`common.metrics.RetrievalMetric` results (registered under
     ``metric_name`` with ``name=None``) as ``<filename>.json`` and a Markdown table ``<filename>.md``, with the
-    completed and failed cases."""
-    evaluator.run()
+    completed and failed cases; then fails as the evaluator would (``fail_on_errors``) when cases failed."""
+    fail_on_errors, evaluator.fail_on_errors = evaluator.fail_on_errors, False
+    try:
+        evaluator.run()
+    finally:
+        evaluator.fail_on_errors = fail_on_errors
     metrics = evaluator.state.metrics.get(metric_name)
     if not isinstance(metrics, dict):
         raise KeyError(f"the evaluator has no '{metric_name}' RetrievalMetric with name=None.")
@@ -100,4 +104,6 @@ def evaluate_retrieval(
     (out / f"{filename}.json").write_text(json.dumps(report, indent=4) + "\n")
     (out / f"{filename}.md").write_text(retrieval_table(metrics))
     logger.info("retrieval over %s cases: %s", result.get("cases"), json.dumps(result))
+    if fail_on_errors:
+        evaluator.raise_failures()
     return report

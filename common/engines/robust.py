@@ -63,8 +63,15 @@ class RobustEvaluator(SupervisedEvaluator):
             if is_bundle_runner():
                 raise SystemExit(f"{type(e).__name__}: {e}") from None
             raise
+        if self.fail_on_errors:
+            self.raise_failures()
+
+    def raise_failures(self) -> None:
+        """Raise (exit status 1 from MONAI's runner) when the last run had failed cases, naming them; a function that
+        runs the evaluator and then writes results (a strategy sweep, retrieval metrics) sets ``fail_on_errors`` off
+        for the run and calls this once its files are written."""
         failures = self.state.case_failures
-        if failures and self.fail_on_errors:
+        if failures:
             errors = "\n  ".join(f["error"] for f in failures)
             raise user_error(f"{len(failures)} case(s) failed, {len(self.state.case_sources)} completed (their outputs "
                              f"are written; see the run report):\n  {errors}", CasesFailedError)
