@@ -59,7 +59,8 @@ _EXPECTED = {
     ".npz": ("NumPy (zip)", {"zip"}),
 }
 # what MONAI's readers (PIL, nibabel, NumPy) raise on a cut or damaged file; ours name the file themselves
-_READ_ERRORS = (OSError, EOFError, ValueError, SyntaxError, struct.error, zlib.error, ImageFileError)
+# RuntimeError: MONAI's LoadImage wraps a reader's failure in one when it tried several readers
+_READ_ERRORS = (OSError, EOFError, ValueError, SyntaxError, RuntimeError, struct.error, zlib.error, ImageFileError)
 
 
 def _is_text(head: bytes) -> bool:
