@@ -14,6 +14,10 @@ prevents:
 - it sets numpy's and torch's print options and ``cv2.setNumThreads(0)``: restored after the import;
 - its trainer switches torch's deterministic algorithms on and, when done, off and removes ``PYTHONHASHSEED`` and
   ``CUBLAS_WORKSPACE_CONFIG`` from the environment: :func:`keep_process_state` restores all of it.
+- ``ultralytics.utils.patches`` replaces ``PIL.Image.open`` with a version that, on the first file Pillow cannot
+  identify, installs a HEIF plugin and retries: offline that raises ``ModuleNotFoundError: pi_heif`` in place of
+  Pillow's error, so a damaged PNG read by the shared reader in the same process was no longer named as such. The
+  collection reads no HEIF: Pillow's own ``open`` is put back.
 - ``YOLO_OFFLINE=1`` turns its online checks (``is_online``, analytics events, update checks) off and
   ``YOLO_AUTOINSTALL=false`` stops ``check_requirements`` from running pip.
 """
@@ -29,6 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
+import PIL.Image
 import torch
 
 __all__ = ["ensure_font", "import_ultralytics", "keep_process_state", "keep_torch_threads", "yolo_config_dir"]
@@ -102,6 +107,14 @@ def keep_process_state() -> Iterator[None]:
         _restore_environment(before)
 
 
+def _restore_pil_open() -> None:
+    """Put Pillow's own ``Image.open`` back in place of ultralytics' HEIF-retrying one (see the module docstring)."""
+    import ultralytics.utils.patches as patches
+
+    if PIL.Image.open is patches.image_open:
+        PIL.Image.open = patches._image_open
+
+
 def import_ultralytics(config_dir: str | os.PathLike | None = None) -> ModuleType:
     """Import ultralytics offline, with its settings in :func:`yolo_config_dir` and a local font.
 
@@ -118,6 +131,7 @@ def import_ultralytics(config_dir: str | os.PathLike | None = None) -> ModuleTyp
     os.environ["YOLO_AUTOINSTALL"] = "false"
     ensure_font(folder)
     if "ultralytics" in sys.modules:
+        _restore_pil_open()  # imported elsewhere first (e.g. by ``from ultralytics import YOLO``)
         return sys.modules["ultralytics"]
     import cv2
     import numpy as np
@@ -127,6 +141,7 @@ def import_ultralytics(config_dir: str | os.PathLike | None = None) -> ModuleTyp
     with keep_torch_threads():
         import ultralytics
         import ultralytics.utils  # noqa: F401  (its import edits the environment too)
+    _restore_pil_open()
     _restore_environment(before)
     cv2.setNumThreads(cv2_threads)
     np.set_printoptions(**numpy_print)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -9,9 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from monai.transforms import Compose, EnsureChannelFirstd, ScaleIntensityRangePercentilesd
+from PIL import Image
 
 from common.data import ErrorTolerantDataset, LESION_CLASSES, generate_synthetic_cxr, load_datalist
 from common.engines.yolo import UltralyticsTrainer, ultralytics_device
@@ -181,3 +184,24 @@ def test_common_packages_do_not_import_ultralytics(tmp_path):
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["False", "2"]
+
+
+def test_a_damaged_png_is_named_as_such_once_ultralytics_is_imported(tmp_path):
+    # ultralytics' import replaces PIL.Image.open with one that answers an unidentified file by installing a HEIF
+    # plugin, which offline fails with ModuleNotFoundError; the shared reader must still name the damage
+    image = np.random.default_rng(0).integers(0, 255, (16, 16), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    (tmp_path / "cut_header.png").write_bytes(buffer.getvalue()[:30])
+    code = (
+        "import sys, os; from common.yolo_env import import_ultralytics; import_ultralytics(); "
+        "from ultralytics import YOLO; from common.transforms import LoadMedicalImaged\n"
+        "try:\n    LoadMedicalImaged(keys='image')({'image': sys.argv[1]})\n"
+        "except Exception as err:\n    print(type(err).__name__, err)"
+    )
+    env = {**os.environ, "YOLO_CONFIG_DIR": str(tmp_path / "yolo")}
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cut_header.png")], capture_output=True,
+                          text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == (
+        f"ValueError {tmp_path / 'cut_header.png'}: truncated or corrupt PNG image.")
