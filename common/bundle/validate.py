@@ -349,11 +349,17 @@ def verify_network_io(
     """Run MONAI's ``verify_net_in_out`` on ``network_def`` of ``configs/inference.json``: the output's channels and
     dtype match ``outputs.pred``. Inputs other than ``image`` are passed as keyword arguments of the same name.
 
+    A text network (``inputs.image.type`` ``"tokens"``: token ids ``(B, T)``, other inputs such as an attention mask
+    ``(B, T)`` too) is checked the same way without MONAI's image-shaped test tensor; when it returns a mapping,
+    its ``"logits"`` entry is the ``pred`` checked.
+
     Raises:
         ValueError: the output's channel number or dtype differ from the metadata.
     """
     root = Path(bundle_dir).resolve()
     meta = _read_metadata(root)
+    if meta["network_data_format"]["inputs"]["image"].get("type") == "tokens":
+        return _verify_token_network_io(root, meta["network_data_format"], device, any, **override)
     extra = fake_network_inputs(meta["network_data_format"], p=p, n=n, any=any)
     extra.pop("image")
     verify_net_in_out(
@@ -368,6 +374,29 @@ def verify_network_io(
         bundle_root=str(root),
         **override,
     )
+
+
+def _verify_token_network_io(root: Path, data_format: Mapping, device: str, length: int, **override: Any) -> None:
+    parser = ConfigParser()
+    parser.read_config(str(root / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(root), **override})
+    network = parser.get_parsed_content("network_def").to(device).eval()
+    generator = torch.Generator().manual_seed(0)
+    length = max(int(length), 8)
+    inputs = {}
+    for name, spec in data_format["inputs"].items():
+        low, high = (spec["value_range"] or [0, 1])
+        inputs[name] = torch.randint(int(low), int(high) + 1, (1, length), generator=generator).to(device)
+        if name != "image":
+            inputs[name] = torch.ones_like(inputs[name])  # e.g. an attention mask: every token is text
+    with torch.no_grad():
+        output = network(inputs.pop("image"), **inputs)
+    pred = output["logits"] if isinstance(output, Mapping) else output
+    expected = data_format["outputs"]["pred"]
+    if pred.shape[1] != expected["num_channels"]:
+        raise ValueError(f"output channel number `{pred.shape[1]}` doesn't match: `{expected['num_channels']}`.")
+    if pred.dtype != get_equivalent_dtype(expected["dtype"], torch.Tensor):
+        raise ValueError(f"dtype of output data `{pred.dtype}` doesn't match: {expected['dtype']}.")
 
 
 def torchscript_exclusion(bundle_dir: str | Path) -> str | None:

@@ -115,8 +115,8 @@ def load_datalist(path: str | os.PathLike, key: str = "training", drop_heldout: 
     items = []
     for i, entry in enumerate(data[key]):
         entry = {"image": entry} if isinstance(entry, str) else dict(entry)
-        if "image" not in entry:
-            raise ValueError(f"{path}: item {i} of '{key}' has no 'image'.")
+        if "image" not in entry and "text" not in entry:  # an image, or a report (the report labeler's datalists)
+            raise ValueError(f"{path}: item {i} of '{key}' has no 'image' (nor a report 'text').")
         entry = resolve_item_paths(entry, path.parent)
         entry.setdefault("dataset", data.get("name", path.stem))
         entry.setdefault("class_names", class_names)

@@ -39,17 +39,29 @@ class ErrorTolerantDataset(Dataset):
     Outputs are named after the input's file name (``x.png`` -> ``x_<postfix>``), so two inputs with one name
     (``a/x.nii.gz`` and ``b/x.nii.gz``, or ``x.png`` beside ``x.dcm``) would write the same files: the second and
     later ones fail, naming the input whose outputs they would replace, instead of silently replacing them.
+
+    Args:
+        data: the items.
+        transform: applied to each item.
+        source_key: the item key naming its source in messages and reports. Default ``"image"``; e.g. ``"report"``
+            for report datasets.
+        name_key: the item key whose value names its outputs (e.g. ``"report_id"``); default None: the source's
+            file name.
     """
 
-    def __init__(self, data, transform=None) -> None:
+    def __init__(self, data, transform=None, source_key: str = "image", name_key: str | None = None) -> None:
         super().__init__(data, transform)
+        self.source_key = source_key
         first: dict[str, str] = {}
         self.clashes: dict[int, str] = {}
         for index, item in enumerate(self.data):
-            source = item.get("image") if isinstance(item, Mapping) else None
+            source = item.get(source_key) if isinstance(item, Mapping) else None
             if not isinstance(source, str):
                 continue
-            name = create_file_basename("", source, ".", separate_folder=False)
+            if name_key is not None:
+                name = str(item.get(name_key, source))
+            else:
+                name = create_file_basename("", source, ".", separate_folder=False)
             if name in first and first[name] != source:
                 self.clashes[index] = first[name]
             first.setdefault(name, source)
@@ -57,7 +69,7 @@ class ErrorTolerantDataset(Dataset):
     def _transform(self, index: int):
         item = self.data[index]
         if index in self.clashes:
-            source = str(item["image"])
+            source = str(item[self.source_key])
             message = (f"{source}: its outputs would have the names of those of {self.clashes[index]} in this run; "
                        "rename one of the two files or run them into different output folders.")
             logger.error("skipping case: %s", message)
@@ -65,7 +77,7 @@ class ErrorTolerantDataset(Dataset):
         try:
             return super()._transform(index)
         except Exception as e:
-            source = str(item.get("image", index)) if isinstance(item, Mapping) else str(index)
+            source = str(item.get(self.source_key, index)) if isinstance(item, Mapping) else str(index)
             message = f"{source}: {root_cause(e)}"
             if isinstance(innermost(e), FileExistsError):  # outputs exist and overwrite is off: nothing went wrong
                 logger.warning("skipping case: %s", message)

@@ -42,11 +42,14 @@ class RobustEvaluator(SupervisedEvaluator):
         fail_on_errors: raise at the end of a run with failed cases. Default True; False for a validator run by
             a trainer's ``ValidationHandler``, so a bad validation case does not stop training (it is still
             logged and reported).
+        source_key: the batch key naming each case's source when it is not the image's ``filename_or_obj`` (e.g.
+            ``"report"``). Default None: the image's.
         Others as ``monai.engines.SupervisedEvaluator``.
     """
 
-    def __init__(self, *args, fail_on_errors: bool = True, **kwargs) -> None:
+    def __init__(self, *args, fail_on_errors: bool = True, source_key: str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.source_key = source_key
         self.fail_on_errors = as_bool(fail_on_errors, "fail_on_errors")
         self.add_event_handler(Events.STARTED, self._reset_cases)
 
@@ -118,10 +121,16 @@ class RobustEvaluator(SupervisedEvaluator):
                 errors = "\n  ".join(f["error"] for f in engine.state.case_failures)
                 raise CasesFailedError(f"all {len(engine.state.case_failures)} case(s) failed:\n  {errors}")
             return None
-        image = batchdata.get("image")
-        sources = getattr(image, "meta", {}).get("filename_or_obj", ["<in-memory>"] * len(image))
-        engine.state.case_sources.extend(str(s) for s in sources)
+        engine.state.case_sources.extend(str(s) for s in self._sources(batchdata))
         return self._process(engine, batchdata)
+
+    def _sources(self, batchdata: dict) -> list:
+        """The files of a batch's cases: the image's ``filename_or_obj``, or the ``source_key`` values (e.g. the
+        ``report`` of report datasets)."""
+        if self.source_key is not None:
+            return list(batchdata[self.source_key])
+        image = batchdata.get("image")
+        return getattr(image, "meta", {}).get("filename_or_obj", ["<in-memory>"] * len(image))
 
     def _process(self, engine: RobustEvaluator, batchdata: dict) -> dict | None:
         """One completed case: the plain ``SupervisedEvaluator`` iteration unless a subclass changes it."""

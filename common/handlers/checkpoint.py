@@ -6,12 +6,13 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from common.bundle.args import as_bool, user_error
 
-__all__ = ["ResumableCheckpoint", "latest_checkpoint"]
+__all__ = ["FinalWeights", "ResumableCheckpoint", "latest_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,3 +91,34 @@ class ResumableCheckpoint:
             raise user_error(
                 f"{self.save_dir} already holds {', '.join(existing)}; training would replace them. Choose another "
                 "--ckpt_dir, continue that run with --resume true, or pass --overwrite true.", FileExistsError)
+
+
+class FinalWeights:
+    """Write the network's ``state_dict`` to ``path`` when training completes, floating-point tensors in ``dtype``.
+
+    For a bundle's ``models/model.pt`` where half precision keeps the file small enough to ship (the report
+    labeler's); loading casts back to the network's precision. Guard the file with :class:`ResumableCheckpoint`'s
+    ``outputs`` so a run never replaces weights it did not write.
+
+    Args:
+        network: the trained module (under DDP, the wrapped module).
+        path: output file.
+        dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"``. Default ``"float16"``.
+        save: write the file (only rank 0 should, under DDP).
+    """
+
+    def __init__(self, network, path: str | os.PathLike, dtype: str = "float16", save: bool = True) -> None:
+        if dtype not in ("float16", "bfloat16", "float32"):
+            raise ValueError(f"dtype should be float16, bfloat16 or float32, got {dtype!r}.")
+        self.network, self.path, self.dtype, self.save = network, Path(path), getattr(torch, dtype), save
+
+    def attach(self, engine: Engine) -> None:
+        if self.save:
+            engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        module = getattr(self.network, "module", self.network)
+        state = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in module.state_dict().items()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, self.path)
+        logger.info("weights written to %s (%.1f MB)", self.path, self.path.stat().st_size / 1e6)

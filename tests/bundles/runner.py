@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
 
@@ -55,3 +58,15 @@ def assert_kept(before: dict[str, tuple[bytes, int]], folder: Path) -> None:
     if "run_report.json" in before:
         kept = [data[0] for name, data in after.items() if name.startswith("run_report_")]
         assert before["run_report.json"][0] in kept, "the earlier run report was lost"
+
+
+def deterministic(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Environment and overrides that make a bundle run give the same figures every time: one thread (a caller's
+    ``OMP_NUM_THREADS`` would change the order of float sums) and torch's deterministic algorithms, turned on
+    through the ``set_determinism`` item of the bundle's ``initialize`` (which also seeds every generator)."""
+    for var, value in (("OMP_NUM_THREADS", "1"), ("MKL_NUM_THREADS", "1"), ("CUBLAS_WORKSPACE_CONFIG", ":4096:8")):
+        monkeypatch.setenv(var, value)
+    initialize = json.loads((bundle / "configs" / "train.json").read_text())["initialize"]
+    index, expression = next((i, e) for i, e in enumerate(initialize) if "set_determinism(" in str(e))
+    call, _, rest = expression.rpartition(")")
+    return [f"--initialize#{index}", f"{call}, use_deterministic_algorithms=True){rest}"]

@@ -21,28 +21,16 @@ sit about 0.1 below the worst seed, several times the spread, and far above the 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from common.data import generate_synthetic_cxr
 from common.networks import CSRNet
+from tests.bundles.runner import deterministic
 from tests.bundles.test_csr_bundle import BUNDLE, bundle_run
 
 SETTINGS = ["--image_size", "[96,96]", "--batch_size", "16"]
-
-
-def deterministic(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Environment and overrides that make a bundle run give the same figures every time: one thread (a caller's
-    ``OMP_NUM_THREADS`` would change the order of float sums) and torch's deterministic algorithms, turned on
-    through the ``set_determinism`` item of the bundle's ``initialize`` (which also seeds every generator)."""
-    for var, value in (("OMP_NUM_THREADS", "1"), ("MKL_NUM_THREADS", "1"), ("CUBLAS_WORKSPACE_CONFIG", ":4096:8")):
-        monkeypatch.setenv(var, value)
-    initialize = json.loads((bundle / "configs" / "train.json").read_text())["initialize"]
-    index, expression = next((i, e) for i, e in enumerate(initialize) if "set_determinism(" in str(e))
-    call, _, rest = expression.rpartition(")")
-    return [f"--initialize#{index}", f"{call}, use_deterministic_algorithms=True){rest}"]
 
 
 def _evaluate(data, ckpt_path, out, *args) -> dict:

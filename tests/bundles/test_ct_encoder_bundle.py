@@ -16,8 +16,8 @@ import torch
 from common.data import generate_ct_report_dataset
 from tests.bundles.runner import BUNDLES, assert_kept, snapshot
 from tests.bundles.runner import bundle_run as run_bundle
-from tests.bundles.runner import torchrun_bundle
-from tests.bundles.test_csr_learning import deterministic
+from tests.bundles.runner import deterministic, torchrun_bundle
+
 
 BUNDLE = BUNDLES / "ct_report_encoder"
 TRAIN = ["--max_epochs", "12", "--val_interval", "12", "--batch_size", "8", "--learning_rate", "0.001"]
