@@ -115,6 +115,27 @@ class CLI:
         volumes = write_volume_list(datalist, Path(out) / "volumes.json")
         print(f"datalist: {datalist}\nvolumes: {volumes}")
 
+    def openi_reports(
+        self, out: str, tgz: str | None = None, table: str | None = None, val_fraction: float = 0.15,
+        test_fraction: float = 0.15, seed: int = 0, overwrite=False,
+    ):
+        """Convert the Indiana University / OpenI chest X-ray reports (torchxrayvision's ``NLMCXR_reports.tgz`` unless
+        ``--tgz``) to ``<out>/datalist.json`` (MeSH-derived finding labels, silver entities, training/validation/test
+        split by image number) and ``<out>/report.json``; ``--table`` overrides the bundle's ``findings.json``."""
+        overwrite = as_bool(overwrite, "--overwrite")
+        from common.data.openi import convert_openi_reports
+
+        try:
+            summary = convert_openi_reports(
+                out, tgz=tgz, table_path=table, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+                overwrite=overwrite,
+            )
+        except (FileNotFoundError, FileExistsError, ValueError) as e:
+            raise SystemExit(f"openi_reports failed: {e}") from e
+        splits = ", ".join(f"{k} {v}" for k, v in summary["splits"].items())
+        print(f"datalist: {summary['datalist']} ({summary['kept']} of {summary['reports']} reports: {splits}; "
+              f"{len(summary['skipped'])} skipped)\nreport: {summary['report']}")
+
     def demo(self, out: str = "demo_outputs", bundles: str | list | None = None):
         """Run every bundle's inference on its embedded sample; outputs and PNG previews go to ``out/<bundle>``."""
         names = sorted(p.name for p in BUNDLES_DIR.iterdir() if (p / "configs" / "inference.json").is_file())

@@ -26,6 +26,16 @@ from .datalist import (
 from .dicom import DicomReader, dicom_series_files, is_dicom_file, is_dicom_series, read_dicom
 from .episodes import EpisodeDataset
 from .mni152 import MNI152_CLASSES, MNI152_SOURCE, build_mni152_task, mni152_label_map
+from .openi import (
+    DEFAULT_FINDINGS_TABLE,
+    convert_openi_reports,
+    load_findings_table,
+    mesh_findings,
+    negated,
+    openi_reports_tgz,
+    parse_openi_report,
+    silver_entities,
+)
 from .random_episodes import (
     Appearance,
     MixedEpisodeDataset,
@@ -36,6 +46,7 @@ from .random_episodes import (
     random_episode,
     render_view,
 )
+from .reports import REPORT_SUFFIXES, LoadReportd, list_reports, normalize_report_text, read_report_file
 from .robust import ERROR_KEY, SKIPPED_KEY, SOURCE_KEY, ErrorTolerantDataset, root_cause
 from .synthetic_ct_reports import (
     CT_REGIONS,

@@ -31,6 +31,20 @@ from .steps import StepTrainer, optimisation_step
 from .evaluation import BASELINES, CopyReference, copy_reference_masks, evaluate_strategies, per_class_dice_table
 from .evaluator import InContextEvaluator, labels_to_class_channels
 from .prompt import STRATEGIES, InContextPrompt, unwrap
+from .report_baselines import KeywordLabeler, TfidfLabeler
+from .report_labeler import (
+    ProgressiveFineTuning,
+    ReportFindingsd,
+    ReportLabelerLoss,
+    ThresholdSelection,
+    TokenizeReportd,
+    evaluate_report_labeler,
+    layerwise_param_groups,
+    load_weights,
+    predict_reports,
+    prepare_report_batch,
+    span_metrics,
+)
 from .retrieval import RetrievalEvaluator, evaluate_retrieval
 from .robust import CasesFailedError, RobustEvaluator
 from .yolo import UltralyticsTrainer, ultralytics_device

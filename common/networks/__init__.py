@@ -13,5 +13,6 @@ from .ct_vit import (
 )
 from .iris import IRISNet, iris_full, iris_small, masked_average_pool, pixel_shuffle, pixel_unshuffle
 from .memory_bank import ClassMemoryBank
+from .report_labeler import ENTITY_TAGS, ReportLabeler, decode_entities, spans_to_tags
 from .text_encoder import DEFAULT_TEXT_MODEL_PACKAGE, FREEZE_MODES, TextEncoder, default_text_model_dir
 from .yolo import YOLODetector, load_yolo_state_dict

@@ -9,4 +9,5 @@ from .intensity import CT_WINDOWS, NormalizeIntensityd
 from .io import LoadMedicalImaged
 from .labels import ProbabilitiesToLabelMapd, class_values
 from .outputs import CheckOutputsd, SaveOrthogonalPreviewd, SaveSegmentationSummaryd, output_path
+from .report_outputs import CheckReportOutputsd, ReportLabelsCSVWriter, SaveReportLabelsd, report_output_path
 from .validation import CheckSameGridd, ValidateImaged, ValidateRegionMaskd, ValidateReportd, source_name
