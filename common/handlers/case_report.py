@@ -13,9 +13,23 @@ from ignite.engine import Engine, Events
 
 from common.bundle.args import user_error
 
-__all__ = ["CaseReportWriter"]
+__all__ = ["CaseReportWriter", "keep_earlier"]
 
 logger = logging.getLogger(__name__)
+
+
+def keep_earlier(path: Path) -> Path | None:
+    """Move an existing ``path`` aside as ``<stem>_<its modification time><suffix>`` (``_2``, ``_3``... when taken),
+    so a run's summary file never replaces an earlier run's; returns where it went, ``None`` when absent."""
+    if not path.exists():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+    target, n = path.with_name(f"{path.stem}_{stamp}{path.suffix}"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.stem}_{stamp}_{n}{path.suffix}")
+    path.rename(target)
+    return target
 
 
 class CaseReportWriter:
@@ -77,11 +91,4 @@ class CaseReportWriter:
             logger.info("%d case(s) completed; report in %s", len(done), self.path)
 
     def _keep_earlier_report(self) -> None:
-        if not self.path.exists():
-            return
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self.path.stat().st_mtime))
-        target, n = self.path.with_name(f"{self.path.stem}_{stamp}.json"), 1
-        while target.exists():
-            n += 1
-            target = self.path.with_name(f"{self.path.stem}_{stamp}_{n}.json")
-        self.path.rename(target)
+        keep_earlier(self.path)

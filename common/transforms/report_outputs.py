@@ -8,7 +8,6 @@ import logging
 import os
 import re
 import tempfile
-import time
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
@@ -290,20 +289,12 @@ class ReportLabelsCSVWriter:
             logger.info("no case decided in this run; %s not written", self.path)
             return None
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._keep_earlier()
+        from common.handlers.case_report import keep_earlier  # here: common.handlers imports this package
+
+        keep_earlier(self.path)
         buffer = [["image_id", "rad_id", *VINDR_COLUMNS, *(FINDING_COLUMN_PREFIX + n for n in self.finding_names)]]
         buffer += [self.row(report_id, decisions) for report_id, decisions in self.rows]
         with open(self.path, "w", encoding="utf-8", newline="") as f:
             csv.writer(f).writerows(buffer)
         logger.info("labels of %d report(s) in %s", len(self.rows), self.path)
         return self.path
-
-    def _keep_earlier(self) -> None:
-        if not self.path.exists():
-            return
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self.path.stat().st_mtime))
-        target, n = self.path.with_name(f"{self.path.stem}_{stamp}{self.path.suffix}"), 1
-        while target.exists():
-            n += 1
-            target = self.path.with_name(f"{self.path.stem}_{stamp}_{n}{self.path.suffix}")
-        self.path.rename(target)

@@ -1,4 +1,5 @@
-"""The shipped ``models/model.pt`` of the CSR, CT report encoder and YOLO bundles reproduce their documented figures.
+"""The shipped ``models/model.pt`` of the CSR, CT report encoder, YOLO and report labeler bundles reproduce their
+documented figures.
 
 Each case regenerates the documented evaluation data with the repository's own generator command (``python -m
 common.cli ...``, the command, seed and sizes of the bundle's docs/README.md Performance section), runs ``train.json``
@@ -100,3 +101,36 @@ def test_shipped_weights_reproduce_documented_metrics(name, generator, metrics_f
     for key, value in _expected(name).items():
         assert metrics[key] == pytest.approx(value, abs=TOLERANCE), (name, key, metrics[key], value)
     _beats_baseline(name, metrics)
+
+
+# metadata.json eval_metrics of the report labeler -> where its metrics.json holds the figure
+REPORT_LABELER_METRICS = {
+    "macro_f1_test": ("classifier", "model", "macro_f1"),
+    "micro_f1_test": ("classifier", "model", "micro_f1"),
+    "macro_auc_test": ("classifier", "model", "macro_auc"),
+    "keyword_macro_f1_test": ("classifier", "keyword", "macro_f1"),
+    "tfidf_macro_f1_test": ("classifier", "tfidf", "macro_f1"),
+    "finding_span_f1_test": ("tagger", "FINDING", "f1"),
+    "negation_accuracy_test": ("tagger", "negation_accuracy"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group(name="report_labeler_bundle")
+def test_shipped_report_labeler_reproduces_its_heldout_figures_and_beats_both_baselines(tmp_path):
+    """The real OpenI test split (577 reports) converted by the docs' command, scored by evaluate.json."""
+    data = tmp_path / "openi"
+    proc = subprocess.run([sys.executable, "-m", "common.cli", "openi_reports", "--out", str(data)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = _evaluate("cxr_report_labeler", data, tmp_path / "eval", "metrics.json")
+    assert metrics["num_reports"] == 577
+    meta = json.loads((BUNDLES / "cxr_report_labeler" / "configs" / "metadata.json").read_text())
+    assert set(meta["eval_metrics"]) == set(REPORT_LABELER_METRICS)
+    for key, path in REPORT_LABELER_METRICS.items():
+        value = metrics
+        for part in path:
+            value = value[part]
+        assert value == pytest.approx(meta["eval_metrics"][key], abs=TOLERANCE), (key, value)
+    model = metrics["classifier"]["model"]["macro_f1"]
+    assert model > metrics["classifier"]["keyword"]["macro_f1"] and model > metrics["classifier"]["tfidf"]["macro_f1"]
