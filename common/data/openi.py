@@ -41,8 +41,6 @@ from pathlib import Path
 
 import numpy as np
 
-import common
-
 __all__ = [
     "DEFAULT_FINDINGS_TABLE",
     "SPLITS",
@@ -57,7 +55,8 @@ __all__ = [
 
 PathLike = str | os.PathLike
 
-DEFAULT_FINDINGS_TABLE = Path(common.__file__).resolve().parents[1] / "bundles/cxr_report_labeler/configs/findings.json"
+# the bundle's table in this repository (a packaged bundle passes its own configs/findings.json)
+DEFAULT_FINDINGS_TABLE = Path(__file__).resolve().parents[2] / "bundles/cxr_report_labeler/configs/findings.json"
 SPLITS = ("training", "validation", "test")
 TABLE_KEYS = ("findings", "mesh", "keywords", "anatomy", "vindr", "negation_cues", "license")
 PRE_CUE_WINDOW = 6  # most words between a pre-negation cue and the mention it negates
