@@ -37,8 +37,10 @@ def _evaluate(data, ckpt_path, out, fixed):
 @pytest.mark.slow
 @pytest.mark.xdist_group(name="report_labeler_learning")
 def test_two_stages_of_fine_tuning_learn_the_findings_heldout(openi_slice, tmp_path, monkeypatch):
-    """Measured over seeds 0-4 (one thread): trained held-out macro AUC 0.0-0.0 against 0.0-0.0 untrained; the
-    keyword rule and TF-IDF scored by the same command."""
+    """Measured over seeds 0-4 of training and of the untrained network (one thread): held-out macro AUC
+    0.707-0.736 trained against 0.425-0.507 untrained, a gain of 0.21-0.31; the thresholds (untrained below 0.65,
+    a gain above 0.15) keep a margin of at least 0.06 on both sides. The keyword rule and TF-IDF are scored by the
+    same command and do not depend on the network."""
     fixed = deterministic(BUNDLE, monkeypatch)
     untrained = tmp_path / "untrained.pt"
     torch.manual_seed(0)
@@ -50,6 +52,6 @@ def test_two_stages_of_fine_tuning_learn_the_findings_heldout(openi_slice, tmp_p
                "[[1, 0], [3, 1]]", *fixed)
     after = _evaluate(openi_slice, models / "model.pt", tmp_path / "after", fixed)
     assert before["model"]["macro_auc"] < 0.65
-    assert after["model"]["macro_auc"] > before["model"]["macro_auc"] + 0.2
+    assert after["model"]["macro_auc"] > before["model"]["macro_auc"] + 0.15
     # the baselines are scored on the same reports by the same command
-    assert after["keyword"]["macro_f1"] == before["keyword"]["macro_f1"] > 0.5
+    assert after["keyword"] == before["keyword"] and after["keyword"]["macro_f1"] > 0.5
