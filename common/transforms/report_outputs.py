@@ -19,6 +19,7 @@ from monai.transforms import MapTransform, Transform
 from common.bundle.args import as_bool
 from common.data.reports import report_id_of
 from common.data.vindr import VINDR_GLOBAL_LABELS, VINDR_LOCAL_LABELS
+from common.visualize.preview import save_report_preview
 
 __all__ = ["CheckReportOutputsd", "ReportLabelsCSVWriter", "SaveReportLabelsd", "report_output_path"]
 
@@ -151,19 +152,25 @@ class SaveReportLabelsd(Transform):
     id (output name) is refused (``ValueError``) naming the first, whatever ``overwrite`` says. Put
     :class:`CheckReportOutputsd` first in preprocessing so existing outputs are skipped before any work.
 
+    With ``preview``, ``<report_id>.png`` beside it shows the text with its entities marked and the probabilities
+    against the thresholds (:func:`common.visualize.save_report_preview`).
+
     Args:
         output_dir: output folder.
         finding_names: the ``C`` finding ids, in the order of ``probs``.
         overwrite: allow replacing outputs of earlier runs. Default False.
+        preview: also write the PNG preview. Default True.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, finding_names: Sequence[str], overwrite: bool = False) -> None:
+    def __init__(self, output_dir: str | os.PathLike, finding_names: Sequence[str], overwrite: bool = False,
+                 preview: bool = True) -> None:
         names = [finding_names] if isinstance(finding_names, str) else list(finding_names)
         if not names or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
             raise ValueError(f"finding_names should be distinct non-empty strings, got {finding_names!r}.")
         self.output_dir = output_dir
         self.finding_names = names
         self.overwrite = as_bool(overwrite, "overwrite")
+        self.preview = as_bool(preview, "preview")
         self._written: dict[Path, str] = {}  # output -> source, for this object's life (one run)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
@@ -195,10 +202,17 @@ class SaveReportLabelsd(Transform):
         if earlier is not None and earlier != source:
             raise ValueError(f"{source}: its output {path} is that of {earlier} in this run (same report id); give the "
                              "reports distinct ids or run them into different output folders.")
+        png = path.with_suffix(".png")
         if path.exists() and not self.overwrite:
             raise FileExistsError(f"{source}: output already exists ({path}{_written_for(path)}); set overwrite to "
                                   "true to replace it.")
+        if self.preview and png.exists() and not self.overwrite:
+            raise FileExistsError(f"{source}: output already exists ({png}); set overwrite to true to replace it.")
         _write_new(path, json.dumps(result, indent=4, ensure_ascii=False, allow_nan=False) + "\n")
+        if self.preview:
+            save_report_preview(text, png, self.finding_names, probs, thresholds, result["entities"],
+                                title=f"{report_id_of(d)}: {', '.join(result['positive']) or 'no finding positive'}",
+                                overwrite=True)
         self._written[path] = source
         d["decisions"] = positive.astype(np.int64)
         return d

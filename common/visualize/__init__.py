@@ -1,3 +1,3 @@
 """Preview writers shared by every bundle."""
 
-from .preview import save_episode_sheet, save_orthogonal_preview, save_overlay_2d
+from .preview import save_episode_sheet, save_orthogonal_preview, save_overlay_2d, save_report_preview

@@ -6,6 +6,7 @@ and no display is needed; text uses matplotlib's bundled DejaVu font.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
-__all__ = ["save_episode_sheet", "save_orthogonal_preview", "save_overlay_2d"]
+__all__ = ["save_episode_sheet", "save_orthogonal_preview", "save_overlay_2d", "save_report_preview"]
 
 DPI = 100
 LABEL_ALPHA = 0.45
@@ -420,3 +421,76 @@ def save_episode_sheet(
     if handles:
         fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), fontsize=8)
     return _save(fig, target)
+
+
+def _marked_text(text: str, entities: Sequence[Mapping]) -> str:
+    """``text`` with each entity wrapped: a finding ``[...]``, a negated finding ``[no: ...]``, anatomy ``<...>``."""
+    out, last = [], 0
+    for e in sorted(entities, key=lambda e: int(e["start"])):
+        start, end = int(e["start"]), int(e["end"])
+        if start < last:
+            continue
+        span = text[start:end]
+        if e.get("type") == "ANATOMY":
+            marked = f"<{span}>"
+        else:
+            marked = f"[no: {span}]" if e.get("negated") else f"[{span}]"
+        out += [text[last:start], marked]
+        last = end
+    return "".join(out + [text[last:]])
+
+
+def save_report_preview(
+    text: str,
+    path: str | Path,
+    names: Sequence[str],
+    probabilities: Any,
+    thresholds: Any,
+    entities: Sequence[Mapping] = (),
+    title: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save a labelled report as one PNG: the text with its entities marked, and a bar per finding.
+
+    Entities are marked in the text (finding ``[...]``, negated finding ``[no: ...]``, anatomy ``<...>``); the
+    bars are the finding probabilities with each finding's threshold as a tick, positive findings filled.
+
+    Args:
+        text: the report.
+        path: the ``.png`` to write; parent folders are created.
+        names: the ``C`` finding names.
+        probabilities: ``(C,)`` probabilities.
+        thresholds: ``(C,)`` decision thresholds.
+        entities: ``{"start", "end", "type", "negated"}`` character spans into ``text``. Default none.
+        title: figure title. Default ``None``.
+        overwrite: replace an existing file; otherwise ``FileExistsError``. Default ``False``.
+
+    Returns:
+        ``path`` as a ``Path``: a PNG 1000 pixels wide.
+    """
+    path = _target(path, overwrite)
+    probs, limits = _to_numpy(probabilities).reshape(-1), _to_numpy(thresholds).reshape(-1)
+    if not len(names) == len(probs) == len(limits):
+        raise ValueError(f"names, probabilities and thresholds should have one entry per finding, got {len(names)}, "
+                         f"{len(probs)} and {len(limits)}.")
+    lines = [w for paragraph in _marked_text(text, entities).splitlines()
+             for w in (textwrap.wrap(paragraph, 70) or [""])][:30]
+    height = max(0.35 * len(names), 0.22 * len(lines)) + 1.2
+    fig = Figure(figsize=(10, height), dpi=DPI)
+    FigureCanvasAgg(fig)
+    text_ax, bar_ax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    text_ax.axis("off")
+    text_ax.text(0, 1, "\n".join(lines), va="top", ha="left", family="DejaVu Sans Mono", fontsize=8,
+                 transform=text_ax.transAxes)
+    text_ax.set_title("[finding]  [no: negated finding]  <anatomy>", fontsize=8, loc="left")
+    positive = probs >= limits
+    rows = np.arange(len(names))[::-1]
+    bar_ax.barh(rows, probs, color=["#d62728" if p else "#c7c7c7" for p in positive])
+    bar_ax.scatter(limits, rows, marker="|", color="black", s=120, zorder=3)
+    bar_ax.set_yticks(rows, [str(n) for n in names], fontsize=7)
+    bar_ax.set_xlim(0, 1)
+    bar_ax.set_xlabel("probability (tick: threshold)", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -230,3 +230,19 @@ def test_episode_sheet_draws_used_references_and_classes(tmp_path):
         save_episode_sheet(episodes, tmp_path / "other.png", titles=["a"])
     with pytest.raises(ValueError, match="at least one"):
         save_episode_sheet([], tmp_path / "none.png")
+
+
+def test_report_preview_marks_entities_and_refuses_mismatched_findings(tmp_path):
+    from common.visualize.preview import _marked_text, save_report_preview
+
+    text = "No pleural effusion. The heart is enlarged."
+    entities = [{"start": 3, "end": 19, "type": "FINDING", "negated": True},
+                {"start": 25, "end": 30, "type": "ANATOMY", "negated": False},
+                {"start": 34, "end": 42, "type": "FINDING", "negated": False}]
+    assert _marked_text(text, entities) == "No [no: pleural effusion]. The <heart> is [enlarged]."
+    path = save_report_preview(text, tmp_path / "r.png", ["a", "b"], [0.9, 0.1], [0.5, 0.5], entities, title="r")
+    assert path.stat().st_size > 5000
+    with pytest.raises(FileExistsError):
+        save_report_preview(text, path, ["a", "b"], [0.9, 0.1], [0.5, 0.5])
+    with pytest.raises(ValueError, match="one entry per finding"):
+        save_report_preview(text, tmp_path / "s.png", ["a"], [0.9, 0.1], [0.5, 0.5])
