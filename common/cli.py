@@ -176,6 +176,41 @@ class CLI:
             raise SystemExit(f"package failed: {e}") from e
         print(f"bundle: {path}")
 
+    def export_onnx(
+        self, bundle: str, out: str, quantize: str | None = None, threads: int | None = 1, repeats: int = 5,
+        dynamo: bool | str | None = None, overwrite=False, **override,
+    ):
+        """Export a bundle's network to ``<out>/model.onnx`` (``--quantize int8``: also ``model_int8.onnx``), traced on
+        and compared with PyTorch on the bundle's embedded sample with its shipped weights; prints the report
+        (largest difference per output, PyTorch and onnxruntime latency on ``--threads`` threads) and writes it to
+        ``<out>/export_report.json``. Further ``--id value`` pairs override ``inference.json`` (e.g. ``--ckpt_path``,
+        ``--queries``). ``bundle``: a folder or a name under ``bundles/``."""
+        overwrite = as_bool(overwrite, "--overwrite")
+        dynamo = None if dynamo is None else as_bool(dynamo, "--dynamo")
+        from common.bundle.export import capture_network_inputs, export_onnx
+
+        root = Path(bundle) if Path(bundle).is_dir() else BUNDLES_DIR / bundle
+        if not (root / "configs" / "inference.json").is_file():
+            raise SystemExit(f"export_onnx failed: {bundle}: no configs/inference.json (a bundle folder or a name "
+                             f"under {BUNDLES_DIR})")
+        out_dir = Path(out)
+        targets = [out_dir / "model.onnx", out_dir / "export_report.json"]
+        targets += [out_dir / "model_int8.onnx"] if quantize else []
+        existing = [str(t) for t in targets if t.exists()]
+        if existing and not overwrite:
+            raise SystemExit(f"export_onnx failed: {', '.join(existing)} exist(s); pass --overwrite true to replace.")
+        for t in targets:
+            t.unlink(missing_ok=True)
+        try:
+            network, inputs = capture_network_inputs(root, **override)
+            report = export_onnx(network, inputs, out_dir / "model.onnx", dynamo=dynamo, quantize=quantize,
+                                 repeats=repeats, threads=threads)
+        except (FileExistsError, RuntimeError, ValueError) as e:
+            raise SystemExit(f"export_onnx failed: {e}") from e
+        report = {"bundle": root.name, "threads": threads, **report}
+        (out_dir / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps(report, indent=2))
+
     def benchmark(self, network: str = "iris", **kwargs):
         """Print speed and memory of a network, e.g. ``benchmark iris --device cpu --size small --image_size 64``.
 
