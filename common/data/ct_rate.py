@@ -3,8 +3,11 @@
 - CT-RATE (Hamamci et al. 2024, https://arxiv.org/abs/2403.17834): a reports CSV with ``VolumeName``,
   ``Findings_EN`` and ``Impressions_EN`` columns (others are ignored) and a folder of ``.nii.gz`` volumes, flat or
   nested as published (``train/train_1/train_1_a/train_1_a_1.nii.gz``): files are found by name anywhere below it.
-- The OmniAbnorm chain-of-thought layout: a JSON list of ``{"case_id", "image", "mask", "region", "category",
-  "cot_reasoning": [{"step": str, "mask_region": int}, ...]}``, one item per abnormality.
+- The OmniAbnorm chain-of-thought layout: a JSON list with one item per abnormality, as the design shows it,
+  ``{"case_id", "image_path", "mask_path", "region", "category", "cot_reasoning": [{"step": 1, "text": str,
+  "anatomical_entities": [str, ...], "mask_region": "Bilateral hemithoraces"}, ...]}``, or the short form
+  ``{"case_id", "image", "mask", ..., "cot_reasoning": [{"step": str, "mask_region": int}, ...]}``. A region
+  *name* becomes region ids through :data:`OMNIABNORM_REGION_IDS` (extend or replace it with ``region_table``).
 
 Both write::
 
@@ -41,7 +44,9 @@ from common.transforms.intensity import CT_WINDOWS
 __all__ = [
     "CT_RATE_WINDOW",
     "REGION_KEYWORDS",
+    "OMNIABNORM_REGION_IDS",
     "assign_region",
+    "load_region_table",
     "convert_ct_rate",
     "convert_omniabnorm_cot",
     "region_texts",
@@ -306,28 +311,96 @@ def convert_ct_rate(
 
 
 # ---------------------------------------------------------------------------------------------------- OmniAbnorm
-def _check_item(item, num_regions: int | None) -> str | None:
+OMNIABNORM_REGION_IDS: dict[str, list[int]] = {
+    **{name.replace("_", " "): [i + 1] for i, name in enumerate(CT_REGIONS)},
+    "right hemithorax": [1], "right pleura": [1], "right pleural space": [1],
+    "left hemithorax": [2], "left pleura": [2], "left pleural space": [2],
+    "bilateral hemithoraces": [1, 2], "bilateral lungs": [1, 2], "both lungs": [1, 2], "lungs": [1, 2],
+    "bilateral pleura": [1, 2], "chest": [1, 2], "thorax": [1, 2],
+    "cardiac": [3], "pericardium": [3], "mediastinum": [3], "heart and pericardium": [3],
+    "hepatic": [4], "splenic": [5],
+    "right renal": [6], "left renal": [7], "bilateral kidneys": [6, 7], "kidneys": [6, 7],
+    "vertebrae": [8], "vertebral column": [8], "thoracic spine": [8], "lumbar spine": [8],
+    "whole volume": [0], "none": [0], "global": [0],
+}
+"""Region name (lower case, spaces) -> region ids of :data:`CT_REGIONS` (``i + 1`` for ``CT_REGIONS[i]``; 0 = the
+whole volume). A name covering several regions ("Bilateral hemithoraces") lists them all: the step keeps them in
+``mask_regions`` and its first in ``mask_region``. Names are matched case-insensitively with ``_``/``-`` read as
+spaces."""
+
+
+def _region_key(name: str) -> str:
+    return " ".join(re.split(r"[\s_\-]+", name.strip().lower()))
+
+
+def load_region_table(region_table: PathLike | Mapping | None = None, replace: bool = False) -> dict[str, list[int]]:
+    """The region-name table: :data:`OMNIABNORM_REGION_IDS` extended (or, with ``replace``, replaced) by
+    ``region_table``, a mapping or a JSON file of ``{"name": id or [ids]}``.
+
+    Raises:
+        FileNotFoundError: the JSON file is missing.
+        ValueError: the table is not a mapping of names to non-negative integer ids.
+    """
+    extra: Mapping = {}
+    if isinstance(region_table, (str, os.PathLike)):
+        path = Path(region_table)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: region table not found.")
+        extra = json.loads(path.read_text())
+    elif region_table is not None:
+        extra = region_table
+    if not isinstance(extra, Mapping):
+        raise ValueError(f"region table should map names to region ids, got {type(extra).__name__}.")
+    table = {} if replace else dict(OMNIABNORM_REGION_IDS)
+    for name, ids in extra.items():
+        ids = [ids] if isinstance(ids, int) and not isinstance(ids, bool) else ids
+        ok = [isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids] if isinstance(ids, list) else []
+        if not ok or not all(ok):
+            raise ValueError(f"region table: {name!r} should map to a non-negative id or a list of them, got {ids!r}.")
+        table[_region_key(str(name))] = list(ids)
+    return table
+
+
+def _step_regions(value, table: Mapping[str, list[int]]) -> list[int] | str:
+    """Region ids of a step's ``mask_region`` (an id, a digit string or a region name), or why it has none."""
+    if isinstance(value, str) and value.strip().isdigit():
+        return [int(value)]
+    if isinstance(value, str):
+        ids = table.get(_region_key(value))
+        return list(ids) if ids else f"unknown region name {value!r} (not in the region table; extend it with " \
+                                     "region_table)"
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return f"mask_region should be a non-negative integer or a region name, got {value!r}"
+    return [value]
+
+
+def _step_text(step: Mapping) -> str:
+    """The step's sentence: ``text`` in the design's layout (``step`` is then its number), else ``step``."""
+    return str(step["text"] if "text" in step else step.get("step", "")).strip()
+
+
+def _check_item(item, num_regions: int | None, table: Mapping[str, list[int]]) -> str | None:
     """Why an OmniAbnorm item is unusable, or None."""
     if not isinstance(item, Mapping):
         return "not an object"
-    missing = [k for k in ("case_id", "image", "mask", "cot_reasoning") if k not in item]
+    image, mask = item.get("image", item.get("image_path")), item.get("mask", item.get("mask_path"))
+    missing = [k for k, v in (("case_id", item.get("case_id")), ("image/image_path", image), ("mask/mask_path", mask),
+                              ("cot_reasoning", item.get("cot_reasoning"))) if v is None]
     if missing:
         return f"missing keys {missing}"
-    if not str(item["case_id"]).strip() or not str(item["image"]).strip() or not str(item["mask"]).strip():
+    if not str(item["case_id"]).strip() or not str(image).strip() or not str(mask).strip():
         return "empty case_id, image or mask"
     steps = item["cot_reasoning"]
     if not isinstance(steps, list) or not steps:
         return "empty cot_reasoning"
     for k, step in enumerate(steps):
-        if not isinstance(step, Mapping) or not str(step.get("step", "")).strip():
+        if not isinstance(step, Mapping) or not _step_text(step):
             return f"empty step {k}"
-        region = step.get("mask_region")
-        if isinstance(region, str) and region.strip().isdigit():
-            region = int(region)
-        if isinstance(region, bool) or not isinstance(region, int) or region < 0:
-            return f"step {k}: mask_region should be a non-negative integer, got {step.get('mask_region')!r}"
-        if num_regions is not None and region > num_regions:
-            return f"step {k}: mask_region {region} above num_regions {num_regions}"
+        regions = _step_regions(step.get("mask_region"), table)
+        if isinstance(regions, str):
+            return f"step {k}: {regions}"
+        if num_regions is not None and max(regions) > num_regions:
+            return f"step {k}: mask_region {max(regions)} above num_regions {num_regions}"
     return None
 
 
@@ -339,6 +412,7 @@ def convert_omniabnorm_cot(
     val_fraction: float = 0.1,
     split_seed: int = 0,
     regions: Sequence[str] = CT_REGIONS,
+    region_table: PathLike | Mapping | None = None,
 ) -> dict:
     """Convert an OmniAbnorm chain-of-thought JSON to a report datalist (layout in the module docstring).
 
@@ -347,7 +421,8 @@ def convert_omniabnorm_cot(
     non-zero ``mask_region`` of its steps, and the impression joins those sentences. ``mask_region`` 0 is allowed (a
     step about the whole volume). Skipped (and reported) items: not an object, missing keys, empty ids or paths,
     empty or malformed ``cot_reasoning`` (a step without text, ``mask_region`` not a non-negative integer or above
-    ``num_regions``), missing image or mask files, or an image/mask differing from an earlier item of the case.
+    ``num_regions``, a region name not in the table), missing image or mask files, or an image/mask differing from
+    an earlier item of the case. Steps keep their ``anatomical_entities`` when given.
 
     Args:
         cot_json: the JSON list.
@@ -357,6 +432,8 @@ def convert_omniabnorm_cot(
         val_fraction: fraction of cases for validation. Default 0.1.
         split_seed: seed of the validation draw. Default 0.
         regions: region names for the datalist's ``"regions"``. Default :data:`CT_REGIONS`.
+        region_table: names -> region ids added to :data:`OMNIABNORM_REGION_IDS` (a mapping or a JSON file; see
+            :func:`load_region_table`), for the region names of ``mask_region``.
 
     Returns:
         ``cases``, ``training``, ``validation``, ``rows`` (items read) and ``skipped`` (list of ``{"row": item index
@@ -366,6 +443,7 @@ def convert_omniabnorm_cot(
     if num_regions is not None and (isinstance(num_regions, bool) or not isinstance(num_regions, int)
                                     or num_regions < 1):
         raise ValueError(f"num_regions should be a positive integer or None, got {num_regions}.")
+    table = load_region_table(region_table)
     path, out_json = Path(cot_json), Path(out_json)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found.")
@@ -377,10 +455,11 @@ def convert_omniabnorm_cot(
 
     skipped, cases, first_row = [], {}, {}
     for index, item in enumerate(items):
-        reason = _check_item(item, num_regions)
+        reason = _check_item(item, num_regions, table)
         case_id = str(item.get("case_id", "")) if isinstance(item, Mapping) else ""
         if reason is None:
-            image, mask = root / str(item["image"]), root / str(item["mask"])
+            image = root / str(item.get("image", item.get("image_path")))
+            mask = root / str(item.get("mask", item.get("mask_path")))
             if not image.is_file():
                 reason = f"image file not found: {image}"
             elif not mask.is_file():
@@ -391,7 +470,13 @@ def convert_omniabnorm_cot(
         if reason is not None:
             skipped.append({"row": index, "case_id": case_id, "reason": reason})
             continue
-        steps = [{"step": str(s["step"]).strip(), "mask_region": int(s["mask_region"])} for s in item["cot_reasoning"]]
+        steps = []
+        for step in item["cot_reasoning"]:
+            ids = _step_regions(step["mask_region"], table)
+            steps.append({"step": _step_text(step), "mask_region": ids[0],
+                          **({"mask_regions": ids} if len(ids) > 1 else {}),
+                          **({"anatomical_entities": [str(e) for e in step["anatomical_entities"]]}
+                             if isinstance(step.get("anatomical_entities"), list) else {})})
         grounded = Counter(s["mask_region"] for s in steps if s["mask_region"] > 0)
         region_id = grounded.most_common(1)[0][0] if grounded else 0
         category = str(item.get("category", "") or "abnormality").strip()
@@ -406,7 +491,8 @@ def convert_omniabnorm_cot(
         report["findings"].append(finding)
         report["cot"] += steps
         report["impression"] = " ".join(f["text"] for f in report["findings"])
-        report["regions_mentioned"] = sorted({s["mask_region"] for s in report["cot"] if s["mask_region"] > 0})
+        mentioned = {i for s in report["cot"] for i in s.get("mask_regions", [s["mask_region"]])}
+        report["regions_mentioned"] = sorted(i for i in mentioned if i > 0)
 
     ordered = [cases[k] for k in sorted(cases)]
     num_train, num_val = _write(out_json, "omniabnorm_cot", f"OmniAbnorm reasoning steps from {path.name}; made by "

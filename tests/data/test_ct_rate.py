@@ -11,6 +11,7 @@ from common.data.ct_rate import (
     assign_region,
     convert_ct_rate,
     convert_omniabnorm_cot,
+    load_region_table,
     region_texts,
     report_text_batch,
     split_sentences,
@@ -158,7 +159,7 @@ def test_convert_omniabnorm_with_bad_items(tmp_path):
     assert sorted(reasons) == [3, 4, 5, 6, 7, 8, 9, 10]
     assert reasons[3].startswith("mask file not found")
     assert reasons[4] == "empty cot_reasoning" and reasons[5] == "empty step 0"
-    assert "non-negative integer" in reasons[6] and "above num_regions 8" in reasons[7]
+    assert "unknown region name 'x'" in reasons[6] and "above num_regions 8" in reasons[7]
     assert reasons[8].startswith("missing keys") and reasons[9].startswith("image or mask differs")
     assert reasons[10] == "not an object"
     datalist = json.loads(out.read_text())
@@ -170,6 +171,52 @@ def test_convert_omniabnorm_with_bad_items(tmp_path):
     assert c1["report"]["impression"] == "Nodule in the right lung. Cyst in the liver."
     assert c1["report"]["regions_mentioned"] == [1, 4]
     assert c2["report"]["findings"][0]["text"] == "Mass." and c2["report"]["regions_mentioned"] == [2]
+
+
+def test_convert_omniabnorm_design_records(tmp_path):
+    """Records in the design's layout: image_path/mask_path, numbered steps with text, entities and region names."""
+    for name in ("ct/case_0001.nii.gz", "masks/case_0001.nii.gz", "ct/case_0002.nii.gz", "masks/case_0002.nii.gz"):
+        _touch(tmp_path / name)
+    items = [
+        {"case_id": "case_0001", "image_path": "ct/case_0001.nii.gz", "mask_path": "masks/case_0001.nii.gz",
+         "region": "Bilateral hemithoraces", "category": "pleural effusion",
+         "cot_reasoning": [
+             {"step": 1, "text": "Locate both hemithoraces.", "anatomical_entities": ["hemithorax"],
+              "mask_region": "Bilateral hemithoraces"},
+             {"step": 2, "text": "Dependent fluid density along the right pleura.",
+              "anatomical_entities": ["pleura", "right lung"], "mask_region": "Right_Lung"},
+             {"step": 3, "text": "Heart size normal.", "anatomical_entities": ["heart"], "mask_region": "Heart"}]},
+        {"case_id": "case_0002", "image_path": "ct/case_0002.nii.gz", "mask_path": "masks/case_0002.nii.gz",
+         "region": "Pancreas", "category": "mass",
+         "cot_reasoning": [{"step": 1, "text": "Locate the pancreas.", "anatomical_entities": ["pancreas"],
+                            "mask_region": "Pancreas"}]},
+    ]
+    path = tmp_path / "omniabnorm_cot.json"
+    path.write_text(json.dumps(items))
+    report = convert_omniabnorm_cot(path, tmp_path / "datalist.json", val_fraction=0.0)
+    assert report["cases"] == 1 and report["rows"] == 2
+    assert report["skipped"] == [{"row": 1, "case_id": "case_0002", "reason": "step 0: unknown region name "
+                                  "'Pancreas' (not in the region table; extend it with region_table)"}]
+    case = json.loads((tmp_path / "datalist.json").read_text())["training"][0]
+    assert case["image"] == "ct/case_0001.nii.gz" and case["mask"] == "masks/case_0001.nii.gz"
+    cot = case["report"]["cot"]
+    assert [s["step"] for s in cot] == ["Locate both hemithoraces.", "Dependent fluid density along the right pleura.",
+                                        "Heart size normal."]
+    assert [s["mask_region"] for s in cot] == [1, 1, 3] and cot[0]["mask_regions"] == [1, 2]
+    assert "mask_regions" not in cot[1] and cot[1]["anatomical_entities"] == ["pleura", "right lung"]
+    assert case["report"]["regions_mentioned"] == [1, 2, 3]
+    assert case["report"]["findings"] == [{"text": "Pleural effusion in the Bilateral hemithoraces.",
+                                           "region": "Bilateral hemithoraces", "region_id": 1}]
+
+    # the unknown name converts once the table knows it (a JSON file, as the command line passes it)
+    table = tmp_path / "regions.json"
+    table.write_text(json.dumps({"pancreas": 0}))
+    report = convert_omniabnorm_cot(path, tmp_path / "datalist2.json", val_fraction=0.0, region_table=table)
+    assert report["cases"] == 2 and report["skipped"] == []
+    with pytest.raises(ValueError, match="'pancreas' should map to a non-negative id"):
+        load_region_table({"pancreas": -1})
+    with pytest.raises(FileNotFoundError, match="region table not found"):
+        load_region_table(tmp_path / "missing.json")
 
 
 def test_omniabnorm_layout_errors(tmp_path):
