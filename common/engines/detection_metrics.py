@@ -41,8 +41,9 @@ def _array(x, columns: int) -> np.ndarray:
 def detection_map(
     predictions: Sequence, ground_truth: Sequence, class_names: Sequence[str], max_detections: int = 100
 ) -> dict:
-    """mAP@0.5 and mAP@0.5:0.95 over images, overall and per class, by MONAI's COCO implementation
-    (``monai.apps.detection.metrics``: greedy matching by score, 101-point interpolated precision).
+    """mAP@0.4 (VinBigData's leaderboard metric), mAP@0.5 and mAP@0.5:0.95 over images, overall and per class, by
+    MONAI's COCO implementation (``monai.apps.detection.metrics``: greedy matching by score, 101-point interpolated
+    precision).
 
     Overall values average the classes that have ground truth boxes in the set (as pycocotools does); a class
     without any is reported with ``null`` AP. Values follow COCO's definition, so they differ slightly from
@@ -55,7 +56,7 @@ def detection_map(
         max_detections: detections per image counted, by score. Default 100.
 
     Returns:
-        ``{"images", "map50", "map50_95", "per_class": {name: {"boxes", "ap50", "ap50_95"}}}``.
+        ``{"images", "map40", "map50", "map50_95", "per_class": {name: {"boxes", "ap40", "ap50", "ap50_95"}}}``.
     """
     if len(predictions) != len(ground_truth):
         raise ValueError(f"predictions and ground_truth should have one entry per image, got {len(predictions)} and "
@@ -63,7 +64,7 @@ def detection_map(
     pred = [_array(p, 6) for p in predictions]
     pred = [p[p[:, 5] >= 0] for p in pred]
     gt = [_array(g, 5) for g in ground_truth]
-    metric = COCOMetric(classes=list(class_names), iou_list=(0.5,), iou_range=(0.5, 0.95, 0.05),
+    metric = COCOMetric(classes=list(class_names), iou_list=(0.4, 0.5), iou_range=(0.5, 0.95, 0.05),
                         max_detection=(max_detections,), per_class=True, verbose=False)
     matches = matching_batch(
         iou_fn=box_iou, iou_thresholds=metric.iou_thresholds,
@@ -80,12 +81,14 @@ def detection_map(
         present = bool(counts[index])
         per_class[name] = {
             "boxes": int(counts[index]),
+            "ap40": values.get(f"{name}_AP_IoU_0.40_MaxDet_{max_detections}") if present else None,
             "ap50": values.get(f"{name}_AP_IoU_0.50_MaxDet_{max_detections}") if present else None,
             "ap50_95": values.get(f"{name}_mAP_{suffix}") if present else None,
         }
     scored = [v for v in per_class.values() if v["ap50"] is not None]
     return {
         "images": len(gt),
+        "map40": float(np.mean([v["ap40"] for v in scored])) if scored else math.nan,
         "map50": float(np.mean([v["ap50"] for v in scored])) if scored else math.nan,
         "map50_95": float(np.mean([v["ap50_95"] for v in scored])) if scored else math.nan,
         "per_class": per_class,
@@ -101,13 +104,15 @@ def map_markdown(result: dict) -> str:
     lines = [
         f"Detection mAP over {result['images']} image(s) (COCO definition, 101-point interpolation).",
         "",
-        "| class | boxes | AP@0.5 | AP@0.5:0.95 |",
-        "|---|---|---|---|",
+        "| class | boxes | AP@0.4 | AP@0.5 | AP@0.5:0.95 |",
+        "|---|---|---|---|---|",
     ]
     for name, row in result["per_class"].items():
-        lines.append(f"| {name} | {row['boxes']} | {_cell(row['ap50'])} | {_cell(row['ap50_95'])} |")
+        lines.append(f"| {name} | {row['boxes']} | {_cell(row.get('ap40'))} | {_cell(row['ap50'])} | "
+                     f"{_cell(row['ap50_95'])} |")
     total = sum(row["boxes"] for row in result["per_class"].values())
-    lines.append(f"| **mean** | {total} | {_cell(result['map50'])} | {_cell(result['map50_95'])} |")
+    lines.append(f"| **mean** | {total} | {_cell(result.get('map40'))} | {_cell(result['map50'])} | "
+                 f"{_cell(result['map50_95'])} |")
     return "\n".join(lines) + "\n"
 
 

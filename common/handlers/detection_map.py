@@ -16,7 +16,7 @@ from common.engines.detection_metrics import detection_map, write_map_report
 __all__ = ["DetectionMAP"]
 
 logger = logging.getLogger(__name__)
-KEYS = ("map50", "map50_95")
+KEYS = ("map40", "map50", "map50_95")
 
 
 class DetectionMAP(Metric):
@@ -29,7 +29,8 @@ class DetectionMAP(Metric):
 
     Args:
         class_names: names in class-index order.
-        key: the value returned, ``"map50"`` or ``"map50_95"``. Default ``"map50"``.
+        key: the value returned, ``"map40"`` (VinBigData's metric), ``"map50"`` or ``"map50_95"``. Default
+            ``"map50"``.
         output_dir: where the reports go, or None for none. Default None.
         filename: report file stem. Default ``"metrics"``.
         max_detections: detections per image counted. Default 100.
@@ -67,6 +68,7 @@ class DetectionMAP(Metric):
         self.result = detection_map(self._preds, self._labels, self.class_names, self.max_detections)
         if self.output_dir is not None:
             json_path, _ = write_map_report(self.result, self.output_dir, self.filename)
-            logger.info("mAP@0.5 %.4f, mAP@0.5:0.95 %.4f over %d image(s); report in %s", self.result["map50"],
+            logger.info("mAP@0.4 %.4f, mAP@0.5 %.4f, mAP@0.5:0.95 %.4f over %d image(s); report in %s",
+                        self.result["map40"], self.result["map50"],
                         self.result["map50_95"], self.result["images"], json_path)
         return self.result[self.key]

@@ -18,7 +18,7 @@ def test_perfect_detections_score_one_and_absent_classes_are_null():
     preds = [np.array([[10, 10, 50, 50, 0.9, 0], [60, 60, 90, 90, 0.8, 1]]), np.array([[5, 5, 20, 20, 0.7, 0]])]
     result = detection_map(preds, GROUND_TRUTH, NAMES)
     assert result["map50"] == pytest.approx(1.0) and result["map50_95"] == pytest.approx(1.0)
-    assert result["per_class"]["effusion"] == {"boxes": 0, "ap50": None, "ap50_95": None}
+    assert result["per_class"]["effusion"] == {"boxes": 0, "ap40": None, "ap50": None, "ap50_95": None}
     assert result["per_class"]["nodule"]["boxes"] == 2 and result["images"] == 2
 
 
@@ -38,6 +38,16 @@ def test_padding_rows_are_ignored_and_loose_boxes_count_at_05_only():
     result = detection_map(preds, GROUND_TRUTH, NAMES)
     assert result["per_class"]["mass"]["ap50"] == pytest.approx(1.0)
     assert result["per_class"]["mass"]["ap50_95"] == pytest.approx(0.4)  # 4 of 10 IoU thresholds (0.5-0.65)
+
+
+def test_map40_counts_boxes_too_loose_for_05():
+    # the mass box shifted down by 12 of its 30 rows: IoU 540 / 1260 = 0.43, a hit at 0.4 and a miss at 0.5
+    preds = [np.array([[10, 10, 50, 50, 0.9, 0], [60, 72, 90, 102, 0.8, 1]]), np.array([[5, 5, 20, 20, 0.7, 0]])]
+    result = detection_map(preds, GROUND_TRUTH, NAMES)
+    assert result["per_class"]["mass"]["ap40"] == pytest.approx(1.0)
+    assert result["per_class"]["mass"]["ap50"] == 0.0
+    assert result["map40"] > result["map50"]
+    assert "| class | boxes | AP@0.4 | AP@0.5 | AP@0.5:0.95 |" in map_markdown(result)
 
 
 def test_no_images_give_nan_and_report_files(tmp_path):

@@ -21,7 +21,7 @@ def test_metric_in_an_engine_writes_its_report(tmp_path):
     state = engine.run(outputs)
     assert state.metrics["map50"] == pytest.approx(0.5)  # nodule found (AP 1), mass missed (AP 0)
     report = json.loads((tmp_path / "val.json").read_text())
-    assert report["per_class"]["mass"] == {"boxes": 1, "ap50": 0.0, "ap50_95": 0.0}
+    assert report["per_class"]["mass"] == {"boxes": 1, "ap40": 0.0, "ap50": 0.0, "ap50_95": 0.0}
     assert (tmp_path / "val.md").read_text().startswith("Detection mAP over 2 image(s)")
 
 
