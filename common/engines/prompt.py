@@ -1,4 +1,4 @@
-"""What an in-context model should segment, and the four ways to turn that into task embeddings."""
+"""What an in-context model should segment, and the five ways to turn that into task embeddings."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from common.data.robust import root_cause
 
 __all__ = ["InContextPrompt", "STRATEGIES", "unwrap"]
 
-STRATEGIES = ("one_shot", "ensemble", "memory", "tuning")
+STRATEGIES = ("one_shot", "ensemble", "memory", "tuning", "memory_ensemble")
 logger = logging.getLogger(__name__)
 
 
@@ -35,6 +35,9 @@ class InContextPrompt:
           when given, only supplies class names and label values).
         - ``tuning``: start from the ensemble and optimise only the embeddings for ``tuning_steps`` steps of
           Dice + BCE on the references themselves, network frozen.
+        - ``memory_ensemble``: the ensemble of the given references, and for each class the memory bank knows, the
+          weighted mean ``memory_weight * bank + (1 - memory_weight) * ensemble`` (the trained class prototype
+          steadied by, or adapted to, the user's own references); classes the bank has not seen keep the ensemble.
 
     Args:
         strategy: one of :data:`STRATEGIES`.
@@ -46,6 +49,7 @@ class InContextPrompt:
         tuning_lr: Adam learning rate of ``tuning``. Default 0.01.
         skip_unknown_classes: with ``memory``, leave out (with a warning) requested classes the bank has never seen
             instead of raising; evaluation sweeps use it so the other classes are still scored.
+        memory_weight: weight of the memory-bank embedding in ``memory_ensemble``, in [0, 1]. Default 0.5.
     """
 
     def __init__(
@@ -57,6 +61,7 @@ class InContextPrompt:
         tuning_steps: int = 20,
         tuning_lr: float = 1e-2,
         skip_unknown_classes: bool = False,
+        memory_weight: float = 0.5,
     ) -> None:
         self.strategy = strategy
         self.references = references
@@ -67,6 +72,9 @@ class InContextPrompt:
         self.tuning_steps = tuning_steps
         self.tuning_lr = tuning_lr
         self.skip_unknown_classes = skip_unknown_classes
+        if not 0.0 <= float(memory_weight) <= 1.0:
+            raise ValueError(f"memory_weight should be in [0, 1], got {memory_weight}.")
+        self.memory_weight = float(memory_weight)
         self.classes: dict[str, int] = {}
         self.tuning_losses: list[float] = []
 
@@ -152,9 +160,27 @@ class InContextPrompt:
                 embeddings = net.encode_task(images, masks)
             if self.strategy == "tuning" and self.tuning_steps > 0:
                 embeddings = self._tune(net, embeddings, images[0], masks[0])
+            if self.strategy == "memory_ensemble":
+                embeddings = self._blend_memory(net, embeddings)
         finally:
             net.train(was_training)
         return embeddings
+
+    def _blend_memory(self, net: torch.nn.Module, embeddings: torch.Tensor) -> torch.Tensor:
+        """Blend the reference ensemble ``(1, K, T, C)`` with the memory bank for the classes it knows."""
+        bank = getattr(net, "memory_bank", None)
+        known = set(bank.known_classes) if bank is not None else set()
+        names = list(self.classes)
+        blended = embeddings.clone()
+        for k, name in enumerate(names):
+            if name in known:
+                stored = bank.retrieve([name])[0].to(embeddings)
+                blended[0, k] = self.memory_weight * stored + (1.0 - self.memory_weight) * embeddings[0, k]
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            logger.info("memory_ensemble: the memory bank has no entry for %s; their references alone are used",
+                        unknown)
+        return blended
 
     def _tune(
         self, net: torch.nn.Module, init: torch.Tensor, images: torch.Tensor, masks: torch.Tensor

@@ -83,7 +83,7 @@ def test_evaluate_writes_per_class_dice_per_strategy(synth, trained, tmp_path):
     assert table.startswith("| class | " + " | ".join(columns) + " |")
 
 
-@pytest.mark.parametrize("strategy", ["one_shot", "ensemble", "memory", "tuning"])
+@pytest.mark.parametrize("strategy", ["one_shot", "ensemble", "memory", "tuning", "memory_ensemble"])
 def test_inference_strategies_on_embedded_sample(trained, tmp_path, strategy):
     extra = []
     if strategy == "memory":  # a two-epoch bank knows only the classes its few episodes drew

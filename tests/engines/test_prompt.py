@@ -115,6 +115,26 @@ def test_memory_strategy_uses_the_bank(net):
         net.memory_bank.load_state_dict(type(net.memory_bank)(TOKENS, CHANNELS).state_dict())
 
 
+def test_memory_ensemble_blends_known_classes_and_keeps_the_others(refs_dir, net):
+    """cube_a is in the bank: its embedding is the weighted mean; cube_b is not: it stays the reference ensemble."""
+    ensemble = _prompt(refs_dir / "references.json", strategy="ensemble").encode(net)
+    assert list(_prompt(refs_dir / "references.json").reference_set().classes) == ["cube_a", "cube_b"]
+    torch.manual_seed(2)
+    stored = torch.randn(1, TOKENS, CHANNELS)
+    net.memory_bank.update(["cube_a"], stored)
+    try:
+        for weight in (0.0, 0.25, 1.0):
+            prompt = _prompt(refs_dir / "references.json", strategy="memory_ensemble", memory_weight=weight)
+            blended = prompt.encode(net)
+            torch.testing.assert_close(blended[0, 0], weight * stored[0] + (1 - weight) * ensemble[0, 0])
+            assert torch.equal(blended[0, 1], ensemble[0, 1])
+            assert prompt.classes == {"cube_a": 1, "cube_b": 2}
+    finally:
+        net.memory_bank.load_state_dict(type(net.memory_bank)(TOKENS, CHANNELS).state_dict())
+    with pytest.raises(ValueError, match="memory_weight should be in"):
+        InContextPrompt(strategy="memory_ensemble", memory_weight=1.5)
+
+
 def test_one_shot_uses_only_the_first_reference(refs_dir, net):
     one_shot = _prompt(refs_dir / "references.json", strategy="one_shot").encode(net)
     ensemble_of_first = _prompt(refs_dir / "first_only.json", strategy="ensemble").encode(net)
@@ -196,7 +216,7 @@ def test_ill_arguments(kwargs):
 
 
 def test_strategies():
-    assert STRATEGIES == ("one_shot", "ensemble", "memory", "tuning")
+    assert STRATEGIES == ("one_shot", "ensemble", "memory", "tuning", "memory_ensemble")
     prompt = InContextPrompt()
     prompt.strategy = "memory"
     assert prompt.strategy == "memory"
