@@ -136,6 +136,34 @@ class CLI:
         print(f"datalist: {summary['datalist']} ({summary['kept']} of {summary['reports']} reports: {splits}; "
               f"{len(summary['skipped'])} skipped)\nreport: {summary['report']}")
 
+    def vindr_detection(
+        self, out: str, csv: str | None = None, image_dir: str | None = None, min_score: float = 0.0,
+        iou_threshold: float = 0.4, val_fraction: float = 0.1, seed: int = 0, yolo_labels=False, overwrite=False,
+    ):
+        """Convert VinDr-CXR / VinBigData box annotations (torchxrayvision's real ``vinbigdata-train.csv.gz`` unless
+        ``--csv``) to the detector's ``<out>/datalist.json``, the three readers' boxes fused by weighted box fusion;
+        ``--min_score 0.5`` keeps boxes at least two of three readers drew, ``0.9`` those all three drew. Prints how
+        many boxes and images each class keeps."""
+        overwrite, yolo_labels = as_bool(overwrite, "--overwrite"), as_bool(yolo_labels, "--yolo_labels")
+        from common.data import convert_vindr_detection
+
+        if csv is None:
+            import torchxrayvision
+
+            csv = str(Path(torchxrayvision.__file__).parent / "data" / "vinbigdata-train.csv.gz")
+        if (Path(out) / "datalist.json").exists() and not overwrite:
+            raise SystemExit(f"vindr_detection failed: {Path(out) / 'datalist.json'} exists; pass --overwrite true.")
+        try:
+            report = convert_vindr_detection(csv, out, image_dir=image_dir, iou_threshold=iou_threshold,
+                                             val_fraction=val_fraction, split_seed=seed, yolo_labels=yolo_labels,
+                                             min_score=min_score)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"vindr_detection failed: {e}") from e
+        summary = {k: report[k] for k in ("images", "training", "validation", "background", "rows", "boxes",
+                                          "fused_boxes", "per_class")}
+        summary["skipped"] = len(report["skipped"])
+        print(json.dumps({"datalist": str(Path(out) / "datalist.json"), "min_score": min_score, **summary}, indent=2))
+
     def demo(self, out: str = "demo_outputs", bundles: str | list | None = None):
         """Run every bundle's inference on its embedded sample; outputs and PNG previews go to ``out/<bundle>``."""
         names = sorted(p.name for p in BUNDLES_DIR.iterdir() if (p / "configs" / "inference.json").is_file())

@@ -56,3 +56,16 @@ def test_episodes_preview_command(tmp_path):
     assert png.read_bytes() == before
     cli("episodes_preview", "--out", str(tmp_path), "--num", "1", "--image_size", "32", "--overwrite", "true")
     assert png.read_bytes() != before
+
+
+def test_vindr_detection_command_on_the_real_annotations(tmp_path):
+    """torchxrayvision's VinBigData CSV (15,000 images, three readers each) with the two-of-three-readers filter."""
+    summary = json.loads(cli("vindr_detection", "--out", str(tmp_path), "--min_score", "0.5").stdout)
+    assert summary["images"] == 15000 and summary["rows"] == 67914 and summary["skipped"] == 0
+    assert summary["training"] + summary["validation"] == 15000
+    # measured: the 36,096 reader boxes fuse to 22,705 (min_score 0), of which 8,823 were drawn by at least two readers
+    assert summary["boxes"] == 36096 and summary["fused_boxes"] == 8823
+    assert sum(summary["per_class"].values()) == summary["fused_boxes"]
+    again = subprocess.run([sys.executable, "-m", "common.cli", "vindr_detection", "--out", str(tmp_path)],
+                           capture_output=True, text=True)
+    assert again.returncode != 0 and "exists; pass --overwrite true" in again.stderr
