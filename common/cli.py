@@ -164,6 +164,41 @@ class CLI:
         summary["skipped"] = len(report["skipped"])
         print(json.dumps({"datalist": str(Path(out) / "datalist.json"), "min_score": min_score, **summary}, indent=2))
 
+    def iris_memory(
+        self, ckpt: str, out: str, dataset_dir: str, episodes: int = 256, image_size: tuple | None = None,
+        seed: int = 0, overwrite=False,
+    ):
+        """Fill the memory bank of IRIS weights ``ckpt`` with ``episodes`` named-class episodes of the IRIS bundle's
+        ``train.json`` dataset on ``dataset_dir`` (weights unchanged) and write the result to ``out``; for weights
+        trained on domain-randomised episodes only, whose bank has never seen a named class."""
+        overwrite = as_bool(overwrite, "--overwrite")
+        import torch
+        from monai.bundle import ConfigParser
+        from monai.utils import set_determinism
+
+        from common.engines import fill_memory_bank
+
+        out_path = Path(out)
+        if out_path.exists() and not overwrite:
+            raise SystemExit(f"iris_memory failed: {out_path} exists; pass --overwrite true to replace it.")
+        root = BUNDLES_DIR / "iris_incontext_segmentation"
+        parser = ConfigParser()
+        parser.read_config(str(root / "configs" / "train.json"))
+        parser.update({"bundle_root": str(root), "dataset_dir": dataset_dir, "episodes_per_epoch": int(episodes),
+                       "seed": int(seed), **({"image_size": list(image_size)} if image_size else {})})
+        set_determinism(seed=int(seed))
+        network = parser.get_parsed_content("network_def")
+        try:
+            state = torch.load(ckpt, map_location="cpu", weights_only=False)
+            network.load_state_dict(state.get("model", state))
+        except (FileNotFoundError, RuntimeError) as e:
+            raise SystemExit(f"iris_memory failed: {ckpt}: {str(e).splitlines()[0]}") from e
+        dataset = parser.get_parsed_content("train#dataset")
+        updates = fill_memory_bank(network, dataset, dataset.class_names)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(network.state_dict(), out_path)
+        print(json.dumps({"weights": str(out_path), "episodes": len(dataset), "updates": updates}, indent=2))
+
     def demo(self, out: str = "demo_outputs", bundles: str | list | None = None):
         """Run every bundle's inference on its embedded sample; outputs and PNG previews go to ``out/<bundle>``."""
         names = sorted(p.name for p in BUNDLES_DIR.iterdir() if (p / "configs" / "inference.json").is_file())

@@ -26,7 +26,7 @@ from .detection import (
     non_max_suppression,
 )
 from .detection_metrics import detection_map, map_markdown, write_map_report
-from .episodes import prepare_episode_batch
+from .episodes import fill_memory_bank, prepare_episode_batch
 from .steps import StepTrainer, optimisation_step
 from .evaluation import BASELINES, CopyReference, copy_reference_masks, evaluate_strategies, per_class_dice_table
 from .evaluator import InContextEvaluator, labels_to_class_channels
