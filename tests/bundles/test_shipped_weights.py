@@ -55,7 +55,8 @@ CASES = [
 ]
 
 # metadata.json ``eval_metrics`` id -> the key the evaluation writes, where the two differ
-METRIC_KEYS = {"map40_test": "map40", "map50_test": "map50", "map50_95_test": "map50_95", "concept_macro_auc_cam": "concept_macro_auc"}
+METRIC_KEYS = {"map40_test": "map40", "map50_test": "map50", "map50_95_test": "map50_95",
+               "concept_macro_auc_cam": "concept_macro_auc"}
 
 
 def _generate(args: list[str], out: Path) -> Path:
