@@ -1,5 +1,6 @@
 """Training and inference steps plugged into MONAI workflows."""
 
+from .autocast import AutocastInferer
 from .concept_evaluation import evaluate_concept_model, peak_inside
 from .concepts import (
     ConceptStageTrainer,

@@ -65,6 +65,22 @@ def test_train_resumes_from_checkpoint(synth, trained, tmp_path):
     assert (ckpt / "checkpoint_checkpoint_epoch=3.pt").exists()
 
 
+def test_train_starts_from_init_weights_under_cpu_bf16(synth, trained, tmp_path):
+    """Fine-tuning from a model.pt with bf16 autocast: at learning rate 0 the weights stay the ones loaded."""
+    ckpt = tmp_path / "models"
+    proc = bundle_run(
+        "train.json",
+        "--dataset_dir", str(synth), "--ckpt_dir", str(ckpt), "--output_dir", str(tmp_path / "eval"),
+        "--max_epochs", "1", "--episodes_per_epoch", "2", "--val_interval", "1000", "--learning_rate", "0",
+        "--init_weights", str(trained / "model.pt"), "--cpu_amp", "true", *SMALL,
+    )
+    assert "Restored all variables from" in proc.stdout + proc.stderr
+    start = torch.load(trained / "model.pt", map_location="cpu", weights_only=False)
+    after = torch.load(ckpt / "checkpoint_checkpoint_epoch=1.pt", map_location="cpu", weights_only=False)["model"]
+    weights = [k for k in start if k.endswith(".weight") and not k.startswith("memory_bank")]
+    assert weights and all(torch.equal(start[k], after[k]) for k in weights)
+
+
 def test_evaluate_writes_per_class_dice_per_strategy(synth, trained, tmp_path):
     bundle_run(
         ["train.json", "evaluate.json"],
