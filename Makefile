@@ -35,8 +35,12 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m flake8 common tests
 
+# one small CPU setting per benchmark, each well under a minute on 2 cores (the bundles' docs give measured figures)
 bench: $(STAMP)
-	$(PY) -m common.cli benchmark iris --device cpu
+	$(PY) -m common.cli benchmark iris --device cpu --size small --image_size 64 --num_classes 3 --amp true
+	$(PY) -m common.cli benchmark csr --device cpu --backbone resnet18_os16 --image_size 192 --batch_size 16
+	$(PY) -m common.cli benchmark ct --device cpu --size tiny,small --repeats 3
+	$(PY) -m common.cli benchmark yolo --device cpu --model yolov5n.yaml --image_size 256 --num_images 32
 
 # MONAI Label 0.8.5 pins older pydicom, numpy, dicomweb-client and pynetdicom, so it gets its own environment with
 # the same torch and this collection installed into it (monailabel_app/README.md).

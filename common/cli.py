@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -16,8 +17,85 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLES_DIR = REPO_ROOT / "bundles"
 
 
+# kind of ``convert`` -> (what it reads, the options it takes besides --out and --overwrite, those it needs)
+CONVERT_KINDS = {
+    "vindr": ("VinDr-CXR / VinBigData box annotations CSV",
+              ("csv", "image_dir", "image_ext", "min_score", "iou_threshold", "val_fraction", "seed", "yolo_labels"),
+              ()),
+    "vindr-labels": ("VinDr-CXR image_labels_*.csv",
+                     ("csv", "image_dir", "image_ext", "val_fraction", "seed", "check_images"), ("csv",)),
+    "ct-rate": ("CT-RATE reports CSV and the folder of its volumes",
+                ("csv", "volume_dir", "mask_dir", "val_fraction", "seed"), ("csv", "volume_dir")),
+    "omniabnorm": ("OmniAbnorm chain-of-thought JSON",
+                   ("cot_json", "image_root", "num_regions", "region_table", "val_fraction", "seed"), ("cot_json",)),
+    "openi": ("OpenI / Indiana University report archive", ("tgz", "table", "val_fraction", "test_fraction", "seed"),
+              ()),
+}
+
+
+def _vinbigdata_csv() -> str:
+    """torchxrayvision's copy of the VinBigData ``train.csv``, found without importing torchxrayvision (slow)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torchxrayvision")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("torchxrayvision is not installed; it ships vinbigdata-train.csv.gz (pass --csv).")
+    path = Path(spec.origin).parent / "data" / "vinbigdata-train.csv.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found in the installed torchxrayvision; pass --csv.")
+    return str(path)
+
+
+def _refuse_existing(path: Path, command: str, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise SystemExit(f"{command} failed: {path} already exists; pass --overwrite true to replace it.")
+
+
+def _need_dir(path, flag: str, command: str) -> str | None:
+    # the converters would report every image as missing instead of naming the wrong folder once
+    if path is not None and not Path(str(path)).is_dir():
+        raise SystemExit(f"{command} failed: {flag} {path}: folder not found.")
+    return None if path is None else str(path)
+
+
+def _convert_vindr(out: str, command: str, csv=None, image_dir=None, image_ext=".dicom", min_score=0.0,
+                   iou_threshold=0.4, val_fraction=0.1, seed=0, yolo_labels=False, overwrite=False) -> dict:
+    """``vindr_detection`` and ``convert vindr``: the summary it prints (``skipped`` counted)."""
+    from common.data import convert_vindr_detection
+
+    _refuse_existing(Path(out) / "datalist.json", command, overwrite)
+    image_dir = _need_dir(image_dir, "--image_dir", command)
+    try:
+        csv = _vinbigdata_csv() if csv is None else str(csv)
+        report = convert_vindr_detection(csv, str(out), image_dir=image_dir, image_ext=str(image_ext),
+                                         iou_threshold=iou_threshold, val_fraction=val_fraction, split_seed=seed,
+                                         yolo_labels=yolo_labels, min_score=min_score)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"{command} failed: {e}") from e
+    summary = {k: report[k] for k in ("images", "training", "validation", "background", "rows", "boxes",
+                                      "fused_boxes", "per_class")}
+    summary["skipped"] = len(report["skipped"])
+    return {"datalist": str(Path(out) / "datalist.json"), "min_score": min_score, **summary}
+
+
+def _convert_openi(out: str, command: str, tgz=None, table=None, val_fraction=0.15, test_fraction=0.15, seed=0,
+                   overwrite=False) -> dict:
+    """``openi_reports`` and ``convert openi``: the converter's summary."""
+    from common.data.openi import convert_openi_reports
+
+    _refuse_existing(Path(out) / "datalist.json", command, overwrite)
+    try:
+        return convert_openi_reports(
+            str(out), tgz=None if tgz is None else str(tgz), table_path=None if table is None else str(table),
+            val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, overwrite=overwrite,
+        )
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        raise SystemExit(f"{command} failed: {e}") from e
+
+
 class CLI:
-    """Data generators, the demo and benchmarks of the Clinical Imaging Bundles."""
+    """Data generators, dataset converters, the demo, benchmarks, ONNX export and packaging of the Clinical
+    Imaging Bundles."""
 
     def synth3d(self, out: str, num_cases: int = 24, seed: int = 0, shape: tuple = (64, 64, 48), overwrite=False):
         """Write synthetic CT-like volumes with structure label maps and ``datalist.json`` to ``out``."""
@@ -123,15 +201,8 @@ class CLI:
         ``--tgz``) to ``<out>/datalist.json`` (MeSH-derived finding labels, silver entities, training/validation/test
         split by image number) and ``<out>/report.json``; ``--table`` overrides the bundle's ``findings.json``."""
         overwrite = as_bool(overwrite, "--overwrite")
-        from common.data.openi import convert_openi_reports
-
-        try:
-            summary = convert_openi_reports(
-                out, tgz=tgz, table_path=table, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
-                overwrite=overwrite,
-            )
-        except (FileNotFoundError, FileExistsError, ValueError) as e:
-            raise SystemExit(f"openi_reports failed: {e}") from e
+        summary = _convert_openi(out, "openi_reports", tgz=tgz, table=table, val_fraction=val_fraction,
+                                 test_fraction=test_fraction, seed=seed, overwrite=overwrite)
         splits = ", ".join(f"{k} {v}" for k, v in summary["splits"].items())
         print(f"datalist: {summary['datalist']} ({summary['kept']} of {summary['reports']} reports: {splits}; "
               f"{len(summary['skipped'])} skipped)\nreport: {summary['report']}")
@@ -145,24 +216,100 @@ class CLI:
         ``--min_score 0.5`` keeps boxes at least two of three readers drew, ``0.9`` those all three drew. Prints how
         many boxes and images each class keeps."""
         overwrite, yolo_labels = as_bool(overwrite, "--overwrite"), as_bool(yolo_labels, "--yolo_labels")
-        from common.data import convert_vindr_detection
+        summary = _convert_vindr(out, "vindr_detection", csv=csv, image_dir=image_dir, min_score=min_score,
+                                 iou_threshold=iou_threshold, val_fraction=val_fraction, seed=seed,
+                                 yolo_labels=yolo_labels, overwrite=overwrite)
+        print(json.dumps(summary, indent=2))
 
-        if csv is None:
-            import torchxrayvision
+    def convert(
+        self, kind: str, out: str, csv: str | None = None, image_dir: str | None = None, image_ext: str | None = None,
+        volume_dir: str | None = None, mask_dir: str | None = None, cot_json: str | None = None,
+        image_root: str | None = None, num_regions: int | None = None, region_table: str | None = None,
+        tgz: str | None = None, table: str | None = None, min_score: float | None = None,
+        iou_threshold: float | None = None, val_fraction: float | None = None, test_fraction: float | None = None,
+        seed: int | None = None, yolo_labels=None, check_images=None, overwrite=False,
+    ):
+        """Convert a public dataset to a bundle's ``<out>/datalist.json`` and print a JSON summary (counts, how many
+        rows or items were skipped). Refuses an existing ``datalist.json`` unless ``--overwrite true``; an option a
+        kind does not take is refused; options left out keep the converter's defaults.
 
-            csv = str(Path(torchxrayvision.__file__).parent / "data" / "vinbigdata-train.csv.gz")
-        if (Path(out) / "datalist.json").exists() and not overwrite:
-            raise SystemExit(f"vindr_detection failed: {Path(out) / 'datalist.json'} exists; pass --overwrite true.")
+        - ``vindr``: VinDr-CXR / VinBigData boxes for ``yolo_cxr_detection`` (``convert_vindr_detection``, as
+          ``vindr_detection``). ``--csv`` annotations CSV (default torchxrayvision's ``vinbigdata-train.csv.gz``),
+          ``--image_dir``, ``--image_ext`` (``.dicom``), ``--min_score``, ``--iou_threshold``, ``--val_fraction``,
+          ``--seed``, ``--yolo_labels``.
+        - ``vindr-labels``: VinDr-CXR ``image_labels_*.csv`` for ``csr_cxr_classification``
+          (``convert_vindr_classification``). ``--csv`` (required), ``--image_dir``, ``--image_ext``,
+          ``--val_fraction``, ``--seed``, ``--check_images``.
+        - ``ct-rate``: CT-RATE reports for ``ct_report_encoder`` (``convert_ct_rate``). ``--csv`` reports CSV and
+          ``--volume_dir`` (required), ``--mask_dir``, ``--val_fraction``, ``--seed``.
+        - ``omniabnorm``: OmniAbnorm chain-of-thought for ``ct_report_encoder`` (``convert_omniabnorm_cot``).
+          ``--cot_json`` (required), ``--image_root`` (default the JSON's folder), ``--num_regions``,
+          ``--region_table``, ``--val_fraction``, ``--seed``.
+        - ``openi``: OpenI reports for ``cxr_report_labeler`` (``convert_openi_reports``, as ``openi_reports``; also
+          writes ``report.json``). ``--tgz`` (default torchxrayvision's ``NLMCXR_reports.tgz``), ``--table``,
+          ``--val_fraction``, ``--test_fraction``, ``--seed``.
+
+        Example: ``python -m common.cli convert ct-rate --out data/ct_rate --csv train_reports.csv --volume_dir
+        dataset/train``."""
+        kind = str(kind)
+        if kind not in CONVERT_KINDS:
+            raise SystemExit(f"convert: unknown kind {kind!r}; choose from {', '.join(CONVERT_KINDS)}.")
+        command, (reads, takes, required) = f"convert {kind}", CONVERT_KINDS[kind]
+        overwrite = as_bool(overwrite, "--overwrite")
+        options = dict(csv=csv, image_dir=image_dir, image_ext=image_ext, volume_dir=volume_dir, mask_dir=mask_dir,
+                       cot_json=cot_json, image_root=image_root, num_regions=num_regions, region_table=region_table,
+                       tgz=tgz, table=table, min_score=min_score, iou_threshold=iou_threshold,
+                       val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, yolo_labels=yolo_labels,
+                       check_images=check_images)
+        given = {k: v for k, v in options.items() if v is not None}  # left out: the converter's default
+        foreign = [f"--{k}" for k in given if k not in takes]
+        if foreign:
+            raise SystemExit(f"{command} failed: {', '.join(foreign)} not taken by {kind}; it takes "
+                             f"{', '.join('--' + k for k in takes)}.")
+        missing = [f"--{k}" for k in required if k not in given]
+        if missing:
+            raise SystemExit(f"{command} failed: {' and '.join(missing)} required ({reads}).")
+        for k in ("yolo_labels", "check_images"):
+            if k in given:
+                given[k] = as_bool(given[k], f"--{k}")
+        # fire reads a path that looks like a number as one
+        for k in ("csv", "image_ext", "volume_dir", "mask_dir", "cot_json", "region_table", "tgz", "table"):
+            if k in given:
+                given[k] = str(given[k])
+        for k in ("image_dir", "image_root"):
+            # with --check_images false the images may be put in place later, so their folder need not exist yet
+            if k in given and given.get("check_images", True):
+                given[k] = _need_dir(given[k], f"--{k}", command)
+            elif k in given:
+                given[k] = str(given[k])
+        out = str(out)
+
+        if kind == "vindr":
+            print(json.dumps(_convert_vindr(out, command, overwrite=overwrite, **given), indent=2))
+            return
+        if kind == "openi":
+            summary = _convert_openi(out, command, overwrite=overwrite, **given)
+            print(json.dumps({**{k: summary[k] for k in ("datalist", "report", "reports", "kept", "splits")},
+                              "skipped": len(summary["skipped"])}, indent=2))
+            return
+
+        from common.data import convert_ct_rate, convert_omniabnorm_cot, convert_vindr_classification
+
+        datalist = Path(out) / "datalist.json"
+        _refuse_existing(datalist, command, overwrite)
+        if "seed" in given:
+            given["split_seed"] = given.pop("seed")
         try:
-            report = convert_vindr_detection(csv, out, image_dir=image_dir, iou_threshold=iou_threshold,
-                                             val_fraction=val_fraction, split_seed=seed, yolo_labels=yolo_labels,
-                                             min_score=min_score)
+            if kind == "vindr-labels":
+                report = convert_vindr_classification(given.pop("csv"), given.pop("image_dir", None), datalist, **given)
+            elif kind == "ct-rate":
+                report = convert_ct_rate(given.pop("csv"), given.pop("volume_dir"), datalist, **given)
+            else:
+                report = convert_omniabnorm_cot(given.pop("cot_json"), datalist, **given)
         except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"vindr_detection failed: {e}") from e
-        summary = {k: report[k] for k in ("images", "training", "validation", "background", "rows", "boxes",
-                                          "fused_boxes", "per_class")}
-        summary["skipped"] = len(report["skipped"])
-        print(json.dumps({"datalist": str(Path(out) / "datalist.json"), "min_score": min_score, **summary}, indent=2))
+            raise SystemExit(f"{command} failed: {e}") from e
+        print(json.dumps({"datalist": str(datalist), **{k: v for k, v in report.items() if k != "skipped"},
+                          "skipped": len(report["skipped"])}, indent=2))
 
     def iris_memory(
         self, ckpt: str, out: str, dataset_dir: str, episodes: int = 256, image_size: tuple | None = None,
@@ -275,24 +422,38 @@ class CLI:
         print(json.dumps(report, indent=2))
 
     def benchmark(self, network: str = "iris", **kwargs):
-        """Print speed and memory of a network, e.g. ``benchmark iris --device cpu --size small --image_size 64``.
+        """Print speed and memory of a network as JSON, e.g. ``benchmark iris --device cpu --size small``.
 
-        IRIS options: size (small|full), image_size, num_classes, num_references, batch_size, device, repeats,
-        train (time a training step), amp (bf16 autocast), threads.
-        CSR options: backbone (tiny|resnet18|resnet50|densenet121|vit_b_16), image_size, batch_size, device,
-        repeats, train, amp, threads.
+        ``network`` is ``iris``, ``csr``, ``ct`` or ``yolo``; every other ``--name value`` goes to
+        ``common.benchmarks.benchmark_<network>`` (its docstring says what each reports).
+        IRIS options (latency and peak memory of one forward pass or training step): size (small|full), image_size,
+        num_classes, num_references, batch_size, device, repeats, train (time a training step), amp (bf16 autocast),
+        threads; with ``--amp true`` it also times fp32 and reports the ratio ``amp_speedup``.
+        CSR options (images/s of ``explain``): backbone (tiny|resnet18|resnet18_os16|resnet50|densenet121|vit_b_16),
+        image_size, batch_size, device, repeats, train, amp, threads.
         CT options (tokens/s and peak memory of CT-ViT): size (tiny|small|base, comma-separated for several),
         device (cpu|cuda, comma-separated), image_size, patch_size, batch_size, repeats, train, amp,
         attention_impl, threads.
+        YOLO options (the bundle's inference path against ultralytics' ``predict``, judged by their ratio
+        ``bundle_over_ultralytics``): model (the ultralytics model YAML, e.g. ``--model yolov5s.yaml``; default
+        yolov5n.yaml), weights (a ``model_ultralytics.pt`` matching model and num_classes; default random),
+        num_classes, images (a folder of PNG/JPEG), num_images, source_size, image_size, conf_threshold, device,
+        threads, warmup.
         """
-        from common.benchmark import benchmark_csr, benchmark_iris
-        from common.benchmark_ct import benchmark_ct
-        from common.benchmark_yolo import benchmark_yolo
+        from common.benchmarks import benchmark_csr, benchmark_ct, benchmark_iris, benchmark_yolo
 
         runners = {"iris": benchmark_iris, "csr": benchmark_csr, "yolo": benchmark_yolo, "ct": benchmark_ct}
         if network not in runners:
-            raise SystemExit(f"unknown network '{network}'; choose from {sorted(runners)}")
-        result = runners[network](**kwargs)
+            raise SystemExit(f"benchmark failed: unknown network '{network}'; choose from {sorted(runners)}")
+        # **kwargs takes any option, so a misspelt one would otherwise end as a TypeError deep in the call
+        options = inspect.signature(runners[network]).parameters
+        unknown = sorted(set(kwargs) - set(options))
+        if unknown:
+            raise SystemExit(f"benchmark failed: {network} has no option {unknown}; its options: {list(options)}")
+        try:
+            result = runners[network](**kwargs)
+        except ValueError as e:
+            raise SystemExit(f"benchmark failed: {e}") from e
         print(json.dumps(result, indent=2))
 
 

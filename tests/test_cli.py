@@ -69,3 +69,17 @@ def test_vindr_detection_command_on_the_real_annotations(tmp_path):
     again = subprocess.run([sys.executable, "-m", "common.cli", "vindr_detection", "--out", str(tmp_path)],
                            capture_output=True, text=True)
     assert again.returncode != 0 and "exists; pass --overwrite true" in again.stderr
+
+
+@pytest.mark.xdist_group(name="yolo_engine")
+def test_benchmark_command_takes_the_yolo_model_yaml():
+    proc = cli("benchmark", "yolo", "--model", "yolov5s.yaml", "--num_images", "1", "--source_size", "64",
+               "--image_size", "64", "--warmup", "0")
+    result = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert result["model"] == "yolov5s.yaml" and result["bundle_over_ultralytics"] > 0
+
+
+def test_benchmark_command_names_an_option_the_network_lacks():
+    proc = subprocess.run([sys.executable, "-m", "common.cli", "benchmark", "yolo", "--model_yaml", "yolov5s.yaml"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "yolo has no option ['model_yaml']" in proc.stderr and "'model'" in proc.stderr

@@ -176,7 +176,7 @@ def test_common_packages_do_not_import_ultralytics(tmp_path):
         "import sys, torch; torch.set_num_threads(2); "
         "import common, common.data, common.engines, common.transforms, common.networks, common.handlers; "
         "import common.engines.yolo, common.engines.detection, common.networks.yolo, common.transforms.detection; "
-        "import common.transforms.clahe, common.handlers.detection_map, common.benchmark_yolo; "
+        "import common.transforms.clahe, common.handlers.detection_map, common.benchmarks.yolo; "
         "print('ultralytics' in sys.modules, torch.get_num_threads())"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "YOLO_CONFIG_DIR")}

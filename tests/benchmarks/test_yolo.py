@@ -5,15 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.benchmark_yolo import benchmark_yolo
+from common.benchmarks import benchmark_yolo
 
 
 @pytest.mark.xdist_group(name="yolo_engine")
-def test_benchmark_reports_both_throughputs_and_keeps_threads():
+def test_benchmark_reports_both_throughputs_their_ratio_and_keeps_threads():
     threads = torch.get_num_threads()
     result = benchmark_yolo(num_images=2, source_size=128, image_size=64, warmup=1)
     assert result["images"] == 2 and result["weights"] == "random" and result["threads"] == threads
-    assert result["ultralytics_predict_images_per_s"] > 0 and result["bundle_inference_images_per_s"] > 0
+    raw, bundle = result["ultralytics_predict_images_per_s"], result["bundle_inference_images_per_s"]
+    assert raw > 0 and bundle > 0 and result["peak_memory_mb"] > 0
+    assert result["bundle_over_ultralytics"] == pytest.approx(bundle / raw, rel=0.05)
     assert torch.get_num_threads() == threads
 
 

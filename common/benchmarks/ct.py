@@ -1,27 +1,18 @@
-"""Speed and memory of the CT-ViT image encoder per size and device (printed by ``python -m common.cli benchmark
-ct``); a script that prints figures, not a test."""
+"""Tokens per second and peak memory of the CT-ViT image encoder (``encode`` with a region mask) per size and device."""
 
 from __future__ import annotations
 
-import resource
-import statistics
-import time
 from collections.abc import Sequence
 
 import torch
 
+from common.benchmarks.timing import time_call
 from common.bundle.args import as_bool
 from common.networks import ct_vit_base, ct_vit_small, ct_vit_tiny
 
 __all__ = ["CT_VIT_SIZES", "benchmark_ct"]
 
 CT_VIT_SIZES = {"tiny": ct_vit_tiny, "small": ct_vit_small, "base": ct_vit_base}
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _one(size: str, device: torch.device, image_size: Sequence[int] | None, patch_size: Sequence[int] | None,
@@ -46,18 +37,10 @@ def _one(size: str, device: torch.device, image_size: Sequence[int] | None, patc
             else:
                 with torch.inference_mode():
                     net.encode(volume, mask)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    step()  # warm-up (and compilation of FlexAttention on CUDA)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    latency = statistics.median(times)
+    # the warm-up call also compiles FlexAttention on CUDA, which must stay out of the timed runs
+    timing = time_call(step, repeats=repeats, warmup=1, device=device)
+    latency = timing["median_ms"] / 1000.0
     tokens = batch_size * int(torch.tensor(net.grid).prod())
     return {
         "network": f"ct_vit_{size}",
@@ -72,7 +55,7 @@ def _one(size: str, device: torch.device, image_size: Sequence[int] | None, patc
         "amp": amp,
         "latency_s": round(latency, 4),
         "tokens_per_s": round(tokens / latency, 1),
-        "peak_memory_mb": round(_peak_memory_mb(device), 1),
+        "peak_memory_mb": timing["peak_mb"],
     }
 
 
