@@ -71,6 +71,8 @@ def test_evaluate_reports_auc_and_localisation(data, trained, tmp_path):
     assert metrics["images"] == len(test) == 6
     for key in ("disease_macro_auc", "concept_macro_auc", "cam_peak_in_region", "prototype_peak_in_region"):
         assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["thresholds_from"] == "validation"  # thresholds for macro-F1 come from the validation split
+    assert set(metrics["per_disease"]) == set(metrics["per_disease_auc"])
     assert set(metrics["per_concept"]) >= {"nodule", "effusion", "cardiomegaly"}
     for name, entry in metrics["per_concept"].items():
         assert entry["localised_images"] == sum(name in item.get("concept_masks", {}) for item in test), name
