@@ -88,4 +88,4 @@ from .vindr import (
     fuse_boxes_wbf,
 )
 from .volume import VOLUME_SUFFIXES, VolumeReader
-from .yolo_dataset import write_yolo_data_yaml, write_yolo_split
+from .yolo_dataset import repeat_factors, sample_training_images, write_yolo_data_yaml, write_yolo_split

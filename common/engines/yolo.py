@@ -15,7 +15,7 @@ from monai.handlers import MLFlowHandler
 from torch.utils.data import DataLoader
 
 from common.bundle.args import as_bool, user_error
-from common.data.yolo_dataset import write_yolo_data_yaml, write_yolo_split
+from common.data.yolo_dataset import sample_training_images, write_yolo_data_yaml, write_yolo_split
 from common.yolo_env import import_ultralytics, keep_process_state
 
 __all__ = ["UltralyticsTrainer", "ultralytics_device"]
@@ -91,6 +91,11 @@ class UltralyticsTrainer:
         resume: continue ``output_dir/<run_name>/weights/last.pt``. Default False.
         tensorboard: log scalars to TensorBoard in ``output_dir``. Default True.
         run_name: the ultralytics run folder's name. Default ``"ultralytics"``.
+        repeat_threshold: class-aware sampling: images of classes shown in fewer than this fraction of the training
+            images are repeated in the training list (:func:`common.data.repeat_factors`); 0 repeats nothing.
+            Default 0.
+        negative_fraction: "no finding" training images (no box) kept, at most this fraction of the training list;
+            None keeps them all. Default None.
         pretrained: weights to start from, a local checkpoint of the same architecture (this bundle's
             ``model.pt`` or an ultralytics checkpoint, see :func:`common.networks.yolo.load_yolo_state_dict`);
             ``model`` must then be a YAML. Default None: ``model``'s own initialisation.
@@ -138,6 +143,8 @@ class UltralyticsTrainer:
         run_name: str = "ultralytics",
         pretrained: str | os.PathLike | None = None,
         overwrite: bool = False,
+        repeat_threshold: float = 0.0,
+        negative_fraction: float | None = None,
         train_handlers: Sequence[MLFlowHandler] | None = None,
     ) -> None:
         if max_epochs < 1 or batch_size < 1 or nominal_batch_size < 1:
@@ -173,6 +180,9 @@ class UltralyticsTrainer:
             "degrees": float(degrees), "seed": int(seed), "patience": int(patience),
             "val": as_bool(validate_every_epoch, "validate_every_epoch"),
         }
+        self.repeat_threshold = float(repeat_threshold)
+        self.negative_fraction = None if negative_fraction is None else float(negative_fraction)
+        self.seed = int(seed)
         self.num_train_images, self.metrics = 0, {}
 
     @property
@@ -196,7 +206,19 @@ class UltralyticsTrainer:
         has_val = bool(reports.get("val", {}).get("images"))
         if not has_val:
             logger.warning("no validation image: validating on the training images.")
-        splits = {"train": "images/train", "val": "images/val" if has_val else "images/train"}
+        train = "images/train"
+        if self.repeat_threshold or self.negative_fraction is not None:
+            # ultralytics reads a list file with repeated lines as repeated images: the sampling lives in the list
+            listed, reports["sampling"] = sample_training_images(
+                reports["train"]["files"], reports["train"]["classes"], self.repeat_threshold, self.negative_fraction,
+                seed=self.seed)
+            (root / "train.txt").write_text("".join(f"{path}\n" for path in listed))
+            self.num_train_images, train = len(listed), "train.txt"
+            logger.info("training list: %s", reports["sampling"])
+        splits = {"train": train, "val": "images/val" if has_val else "images/train"}
+        for report in reports.values():  # per-image lists: the data set itself holds them
+            for key in ("files", "classes"):
+                report.pop(key, None)
         (root / "report.json").write_text(json.dumps(reports, indent=4))
         return write_yolo_data_yaml(root, self.class_names, splits, channels=1)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
 from monai.transforms import Compose, EnsureChannelFirstd, ScaleIntensityRangePercentilesd
 from PIL import Image
 
@@ -95,6 +96,24 @@ def test_trainer_translates_config_to_ultralytics_arguments(tmp_path):
     assert args["project"] == str((tmp_path / "out").resolve()) and args["name"] == "ultralytics"
     cpu = UltralyticsTrainer([], None, ["a"], tmp_path, tmp_path, device="cpu", amp=True)
     assert cpu.amp is False  # autocast on CPU would slow training down
+
+
+def test_export_writes_the_sampled_training_list(tmp_path):
+    def item(name: str, boxes: list) -> dict:
+        return {"image": MetaTensor(torch.rand(1, 64, 64), meta={"filename_or_obj": name}), "boxes": boxes}
+
+    train = [item(f"neg{i}.png", []) for i in range(6)] + [item(f"common{i}.png", [[0, 4, 4, 20, 20]])
+                                                           for i in range(3)] + [item("rare.png", [[1, 8, 8, 30, 30]])]
+    trainer = UltralyticsTrainer(train, None, ["a", "b"], tmp_path / "out", tmp_path / "models",
+                                 repeat_threshold=0.5, negative_fraction=0.25, seed=0)
+    data = json.loads(trainer.export_dataset().read_text())
+    listed = (tmp_path / "out" / "dataset" / "train.txt").read_text().splitlines()
+    assert data["train"] == "train.txt" and trainer.num_train_images == len(listed)
+    assert all(Path(p).is_file() for p in listed)
+    assert sum(p.endswith("_rare.png") for p in listed) in (2, 3)
+    report = json.loads((tmp_path / "out" / "dataset" / "report.json").read_text())
+    assert report["sampling"]["negatives_kept"] == sum("_neg" in p for p in listed) < 6
+    assert "files" not in report["train"]
 
 
 def test_trainer_starts_from_pretrained_weights(tmp_path):
