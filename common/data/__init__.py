@@ -1,15 +1,8 @@
-"""Readers, synthetic generators, dataset converters, datalists and the episode sampler."""
+"""Readers, synthetic generators, dataset converters, datalists, the episode sampler, and the report-text,
+findings-table and box utilities that converters and engines share."""
 
-from .ct_rate import (
-    CT_RATE_WINDOW,
-    REGION_KEYWORDS,
-    assign_region,
-    convert_ct_rate,
-    convert_omniabnorm_cot,
-    region_texts,
-    report_text_batch,
-    split_sentences,
-)
+from .boxes import fuse_boxes_wbf
+from .ct_rate import CT_RATE_WINDOW, REGION_KEYWORDS, assign_region, convert_ct_rate, convert_omniabnorm_cot
 from .collate import REPORT_LIST_KEYS, collate_reports
 from .datalist import (
     IMAGE_SUFFIXES,
@@ -25,17 +18,9 @@ from .datalist import (
 )
 from .dicom import DicomReader, dicom_series_files, is_dicom_file, is_dicom_series, read_dicom
 from .episodes import EpisodeDataset
+from .findings_table import DEFAULT_FINDINGS_TABLE, load_findings_table, mesh_findings, negated, silver_entities
 from .mni152 import MNI152_CLASSES, MNI152_SOURCE, build_mni152_task, mni152_label_map
-from .openi import (
-    DEFAULT_FINDINGS_TABLE,
-    convert_openi_reports,
-    load_findings_table,
-    mesh_findings,
-    negated,
-    openi_reports_tgz,
-    parse_openi_report,
-    silver_entities,
-)
+from .openi import convert_openi_reports, openi_reports_tgz, parse_openi_report
 from .random_episodes import (
     Appearance,
     MixedEpisodeDataset,
@@ -46,6 +31,7 @@ from .random_episodes import (
     random_episode,
     render_view,
 )
+from .report_text import region_texts, report_text_batch, split_sentences
 from .reports import REPORT_SUFFIXES, LoadReportd, list_reports, normalize_report_text, read_report_file
 from .robust import ERROR_KEY, SKIPPED_KEY, SOURCE_KEY, ErrorTolerantDataset, root_cause
 from .synthetic_ct_reports import (
@@ -85,7 +71,6 @@ from .vindr import (
     VINDR_LOCAL_LABELS,
     convert_vindr_classification,
     convert_vindr_detection,
-    fuse_boxes_wbf,
 )
 from .volume import VOLUME_SUFFIXES, VolumeReader
 from .yolo_dataset import repeat_factors, sample_training_images, write_yolo_data_yaml, write_yolo_split

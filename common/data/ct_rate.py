@@ -18,7 +18,9 @@ Both write::
 
 with paths relative to the datalist's folder. Every row is checked; a bad one is reported (its row, a key and the
 reason) and skipped, and the rest converts. Findings sentences get a region id by keyword (:func:`assign_region`;
-0 when none matches), which is what region-level contrastive training pairs on (:func:`region_texts`).
+0 when none matches), which is what region-level contrastive training pairs on
+(:func:`common.data.report_text.region_texts`); the sentence splitting and the batch texts of that training live in
+:mod:`common.data.report_text`.
 
 Intensity: CT-CLIP clips CT-RATE to [-1000, 1000] HU, the ``"wide"`` window of
 :data:`common.transforms.intensity.CT_WINDOWS` (:data:`CT_RATE_WINDOW`). A "lung window" of center 40 / width 400
@@ -36,8 +38,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from common.data.report_text import split_sentences
 from common.data.synthetic_ct_reports import CT_REGIONS
 from common.transforms.intensity import CT_WINDOWS
 
@@ -49,9 +51,6 @@ __all__ = [
     "load_region_table",
     "convert_ct_rate",
     "convert_omniabnorm_cot",
-    "region_texts",
-    "report_text_batch",
-    "split_sentences",
 ]
 
 PathLike = str | os.PathLike
@@ -72,12 +71,7 @@ _EMPTY = {"", "nan", "none", "null", "n/a"}
 _VOLUME_SUFFIXES = (".nii.gz", ".nii")
 
 
-# ---------------------------------------------------------------------------------------------------- text helpers
-def split_sentences(text: str) -> list[str]:
-    """Sentences of a report: split after ``.``, ``!`` or ``?`` followed by white space ("3.5 mm" stays whole)."""
-    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s.strip()]
-
-
+# -------------------------------------------------------------------------------------------------------- regions
 def assign_region(sentence: str, regions: Sequence[str] = CT_REGIONS) -> int:
     """Region id (``regions.index(name) + 1``) of the earliest region named in ``sentence``, 0 if none is."""
     best, best_pos = 0, len(sentence) + 1
@@ -86,55 +80,6 @@ def assign_region(sentence: str, regions: Sequence[str] = CT_REGIONS) -> int:
         if match is not None and match.start() < best_pos:
             best, best_pos = i + 1, match.start()
     return best
-
-
-def region_texts(report: Mapping) -> dict[int, str]:
-    """Region id -> the report's findings sentences about it, joined; for the region-level loss (ids >= 1 only)."""
-    texts: dict[int, list[str]] = {}
-    for finding in report.get("findings", []):
-        if int(finding["region_id"]) > 0:
-            texts.setdefault(int(finding["region_id"]), []).append(finding["text"])
-    return {k: " ".join(v) for k, v in sorted(texts.items())}
-
-
-def report_text_batch(reports: Sequence[Mapping], num_regions: int) -> dict:
-    """Texts and indices of a batch of reports for :class:`common.losses.contrastive.MultiLevelContrastiveLoss`.
-
-    Returns:
-        ``impressions``: ``B`` strings (global level); ``region_texts``: ``M`` strings, one per mentioned region of
-        each report (:func:`region_texts`), at ``region_batch`` / ``region_ids`` ``(M,)`` long (ids ``1..R``) and
-        ``region_mentioned`` ``(B, R)`` bool; ``step_texts``: ``S`` reasoning steps with ``step_batch`` and
-        ``step_region`` ``(S,)`` long (0 = no region). Scatter the ``M`` text embeddings into ``(B, R, D)`` with
-        ``region_text[region_batch, region_ids - 1] = embeddings``.
-    """
-    impressions, texts, region_batch, region_ids, steps, step_batch, step_region = [], [], [], [], [], [], []
-    for b, report in enumerate(reports):
-        impressions.append(str(report["impression"]))
-        for region_id, text in region_texts(report).items():
-            if not 1 <= region_id <= num_regions:
-                raise ValueError(f"region ids should be in [1, {num_regions}], got {region_id} in report {b}.")
-            texts.append(text)
-            region_batch.append(b)
-            region_ids.append(region_id)
-        for step in report.get("cot", []):
-            if not 0 <= int(step["mask_region"]) <= num_regions:
-                raise ValueError(f"mask_region should be in [0, {num_regions}], got {step['mask_region']} in report "
-                                 f"{b}.")
-            steps.append(str(step["step"]))
-            step_batch.append(b)
-            step_region.append(int(step["mask_region"]))
-    mentioned = torch.zeros(len(reports), num_regions, dtype=torch.bool)
-    mentioned[torch.tensor(region_batch, dtype=torch.long), torch.tensor(region_ids, dtype=torch.long) - 1] = True
-    return {
-        "impressions": impressions,
-        "region_texts": texts,
-        "region_batch": torch.tensor(region_batch, dtype=torch.long),
-        "region_ids": torch.tensor(region_ids, dtype=torch.long),
-        "region_mentioned": mentioned,
-        "step_texts": steps,
-        "step_batch": torch.tensor(step_batch, dtype=torch.long),
-        "step_region": torch.tensor(step_region, dtype=torch.long),
-    }
 
 
 def _findings(text: str, regions: Sequence[str]) -> list[dict]:

@@ -31,7 +31,7 @@ from .episodes import fill_memory_bank, prepare_episode_batch
 from .steps import StepTrainer, optimisation_step
 from .evaluation import BASELINES, CopyReference, copy_reference_masks, evaluate_strategies, per_class_dice_table
 from .evaluator import InContextEvaluator, labels_to_class_channels
-from .prompt import STRATEGIES, InContextPrompt, unwrap
+from .prompt import STRATEGIES, InContextPrompt
 from .report_baselines import KeywordLabeler, TfidfLabeler
 from .report_labeler import (
     ProgressiveFineTuning,
@@ -48,4 +48,5 @@ from .report_labeler import (
 )
 from .retrieval import RetrievalEvaluator, evaluate_retrieval
 from .robust import CasesFailedError, RobustEvaluator
+from .utils import unwrap
 from .yolo import UltralyticsTrainer, ultralytics_device

@@ -10,8 +10,8 @@ from monai.inferers import Inferer
 from monai.utils import CommonKeys as Keys
 from torch import nn
 
-from common.engines.prompt import unwrap
 from common.engines.steps import StepTrainer, optimisation_step
+from common.engines.utils import unwrap
 
 __all__ = [
     "ExplainingModel",

@@ -11,9 +11,9 @@ from monai.inferers import Inferer
 from monai.utils import CommonKeys as Keys
 from torch import nn
 
-from common.data.ct_rate import report_text_batch
-from common.engines.prompt import unwrap
+from common.data.report_text import report_text_batch
 from common.engines.steps import StepTrainer, optimisation_step
+from common.engines.utils import unwrap
 
 __all__ = [
     "ContrastiveTrainer",

@@ -19,7 +19,7 @@ from monai.utils import look_up_option
 from torchvision.ops import batched_nms
 
 from common.bundle.args import as_bool
-from common.data.vindr import fuse_boxes_wbf
+from common.data.boxes import fuse_boxes_wbf
 
 __all__ = [
     "Letterbox",
@@ -128,7 +128,7 @@ class YOLODetectionInferer(Inferer):
     Test-time augmentation runs one pass per ``scale`` of ``tta_scales`` (letterbox side ``image_size * scale``
     rounded to ``stride``), each also horizontally flipped when ``tta_flip``; the passes' detections, mapped back to
     the image, are merged by class-wise NMS (``"nms"``) or weighted box fusion (``"wbf"``:
-    ``common.data.fuse_boxes_wbf``, a box seen in k of n passes scores its mean score times k / n).
+    ``common.data.boxes.fuse_boxes_wbf``, a box seen in k of n passes scores its mean score times k / n).
 
     Args:
         image_size: letterbox side, a multiple of ``stride``. Default 256.

@@ -46,7 +46,7 @@ def fill_memory_bank(
     Returns:
         Updates per class name over this call.
     """
-    from common.engines.prompt import unwrap
+    from common.engines.utils import unwrap
 
     net = unwrap(network)
     was_training = net.training

@@ -14,8 +14,9 @@ from monai.transforms import Transform
 from monai.utils import CommonKeys as Keys
 from monai.utils import ForwardMode
 
-from common.engines.prompt import InContextPrompt, unwrap
+from common.engines.prompt import InContextPrompt
 from common.engines.robust import RobustEvaluator
+from common.engines.utils import unwrap
 
 __all__ = ["InContextEvaluator", "labels_to_class_channels"]
 

@@ -13,16 +13,12 @@ from tqdm import tqdm
 
 from common.data.datalist import ReferenceSet, load_references
 from common.data.robust import root_cause
+from common.engines.utils import unwrap
 
-__all__ = ["InContextPrompt", "STRATEGIES", "unwrap"]
+__all__ = ["InContextPrompt", "STRATEGIES"]
 
 STRATEGIES = ("one_shot", "ensemble", "memory", "tuning", "memory_ensemble")
 logger = logging.getLogger(__name__)
-
-
-def unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a DistributedDataParallel / DataParallel wrapper."""
-    return getattr(network, "module", network)
 
 
 class InContextPrompt:

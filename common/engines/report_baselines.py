@@ -1,7 +1,8 @@
 """Two baselines of the report labeler: keyword matching with negation, and TF-IDF with logistic regression.
 
 Both map report texts to ``(N, C)`` finding scores in the order of a findings table's ``findings``
-(:func:`common.data.openi.load_findings_table`), so they fill the baseline columns of the labeler's metric tables.
+(:func:`common.data.findings_table.load_findings_table`), so they fill the baseline columns of the labeler's metric
+tables.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from common.data.openi import silver_entities
+from common.data.findings_table import silver_entities
 
 __all__ = ["KeywordLabeler", "TfidfLabeler"]
 
@@ -18,11 +19,11 @@ __all__ = ["KeywordLabeler", "TfidfLabeler"]
 class KeywordLabeler:
     """Rule baseline: a finding is present when the report mentions it without negation.
 
-    Mentions are the FINDING spans of :func:`common.data.openi.silver_entities` (the table's keywords and MeSH
+    Mentions are the FINDING spans of :func:`common.data.findings_table.silver_entities` (the table's keywords and MeSH
     terms, NegEx-style negation). ``normal`` is not read from the text: it is 1 exactly when no other finding is.
 
     Args:
-        table: a findings table from :func:`common.data.openi.load_findings_table`.
+        table: a findings table from :func:`common.data.findings_table.load_findings_table`.
 
     Example:
         >>> KeywordLabeler(table).predict_proba(["Mild cardiomegaly. No pleural effusion."])  # 1 at cardiomegaly

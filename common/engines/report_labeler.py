@@ -22,7 +22,7 @@ from ignite.engine import Engine, Events
 from monai.transforms import MapTransform
 
 from common.bundle.args import user_error
-from common.data.ct_rate import split_sentences
+from common.data.report_text import split_sentences
 from common.networks.report_labeler import ReportLabeler, decode_entities, spans_to_tags
 
 __all__ = [
@@ -312,7 +312,7 @@ def evaluate_report_labeler(network: ReportLabeler, datalist: str | os.PathLike,
     from monai.data import DataLoader
 
     from common.data import load_datalist
-    from common.data.openi import load_findings_table
+    from common.data.findings_table import load_findings_table
     from common.engines.report_baselines import KeywordLabeler, TfidfLabeler
     from common.metrics.multilabel import format_table, multilabel_report, select_thresholds
 

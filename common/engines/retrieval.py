@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common.data.ct_rate import report_text_batch
+from common.data.report_text import report_text_batch
 from common.engines.contrastive import embed_texts
-from common.engines.prompt import unwrap
 from common.engines.robust import RobustEvaluator
+from common.engines.utils import unwrap
 from common.metrics.retrieval import retrieval_table
 
 __all__ = ["RetrievalEvaluator", "evaluate_retrieval"]

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 
-from common.engines.prompt import unwrap
+from common.engines.utils import unwrap
 
 __all__ = ["MemoryBankUpdater"]
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from common.data import convert_vindr_classification
-from common.data.openi import load_findings_table
+from common.data.findings_table import load_findings_table
 from common.networks import ReportLabeler
 from tests.bundles.runner import BUNDLES, assert_kept, bundle_run, snapshot, torchrun_bundle
 

@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from common.data.openi import convert_openi_reports, load_findings_table
+from common.data.findings_table import load_findings_table
+from common.data.openi import convert_openi_reports
 from common.networks import ReportLabeler
 from tests.bundles.runner import BUNDLES, bundle_run, deterministic
 

@@ -12,9 +12,6 @@ from common.data.ct_rate import (
     convert_ct_rate,
     convert_omniabnorm_cot,
     load_region_table,
-    region_texts,
-    report_text_batch,
-    split_sentences,
 )
 from common.transforms.intensity import CT_WINDOWS
 
@@ -49,14 +46,6 @@ def _write_csv(path: Path, rows: list[list[str]]) -> Path:
 @pytest.mark.parametrize("sentence, region_id", REGION_CASES)
 def test_assign_region(sentence, region_id):
     assert assign_region(sentence) == region_id
-
-
-def test_split_sentences_and_region_texts():
-    assert split_sentences(" A 3.5 mm nodule. No effusion!  Liver normal? ") == [
-        "A 3.5 mm nodule.", "No effusion!", "Liver normal?"]
-    report = {"findings": [{"text": "A.", "region_id": 1}, {"text": "B.", "region_id": 0},
-                           {"text": "C.", "region_id": 1}, {"text": "D.", "region_id": 4}]}
-    assert region_texts(report) == {1: "A. C.", 4: "D."}
 
 
 def test_window_is_the_wide_window():
@@ -228,21 +217,3 @@ def test_omniabnorm_layout_errors(tmp_path):
         convert_omniabnorm_cot(tmp_path / "missing.json", tmp_path / "d.json")
     with pytest.raises(ValueError, match="num_regions"):
         convert_omniabnorm_cot(path, tmp_path / "d.json", num_regions=0)
-
-
-def test_report_text_batch():
-    reports = [
-        {"impression": "One.", "findings": [{"text": "A.", "region_id": 2}, {"text": "B.", "region_id": 0}],
-         "cot": [{"step": "s1", "mask_region": 2}, {"step": "s2", "mask_region": 0}]},
-        {"impression": "Two.", "findings": [{"text": "C.", "region_id": 1}, {"text": "D.", "region_id": 3},
-                                            {"text": "E.", "region_id": 1}]},
-    ]
-    batch = report_text_batch(reports, num_regions=3)
-    assert batch["impressions"] == ["One.", "Two."]
-    assert batch["region_texts"] == ["A.", "C. E.", "D."]
-    assert batch["region_batch"].tolist() == [0, 1, 1] and batch["region_ids"].tolist() == [2, 1, 3]
-    assert batch["region_mentioned"].tolist() == [[False, True, False], [True, False, True]]
-    assert batch["step_texts"] == ["s1", "s2"]
-    assert batch["step_batch"].tolist() == [0, 0] and batch["step_region"].tolist() == [2, 0]
-    with pytest.raises(ValueError, match="region ids should be in"):
-        report_text_batch(reports, num_regions=2)

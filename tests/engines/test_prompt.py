@@ -9,7 +9,7 @@ import torch
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Resized
 
 from common.data import ReferenceSet, write_nifti
-from common.engines import STRATEGIES, InContextPrompt, unwrap
+from common.engines import STRATEGIES, InContextPrompt
 from common.networks import iris_small
 
 KEYS = ["image", "label"]
@@ -168,12 +168,6 @@ def test_encode_restores_training_mode(refs_dir, net):
     finally:
         net.eval()
     torch.testing.assert_close(eager, _prompt(refs_dir / "references.json").encode(net))
-
-
-def test_unwrap():
-    inner = torch.nn.Linear(2, 2)
-    assert unwrap(torch.nn.DataParallel(inner)) is inner
-    assert unwrap(inner) is inner
 
 
 def test_tuning_optimises_only_the_embeddings(refs_dir, net):
