@@ -29,7 +29,14 @@ from .detection import (
 from .detection_metrics import detection_map, map_markdown, write_map_report
 from .episodes import fill_memory_bank, prepare_episode_batch
 from .steps import StepTrainer, optimisation_step
-from .evaluation import BASELINES, CopyReference, copy_reference_masks, evaluate_strategies, per_class_dice_table
+from .evaluation import (
+    BASELINES,
+    CopyReference,
+    Foreground,
+    copy_reference_masks,
+    evaluate_strategies,
+    per_class_dice_table,
+)
 from .evaluator import InContextEvaluator, labels_to_class_channels
 from .prompt import STRATEGIES, InContextPrompt
 from .report_baselines import KeywordLabeler, TfidfLabeler

@@ -15,13 +15,16 @@ from torch import nn
 
 from common.engines.evaluator import InContextEvaluator
 
-__all__ = ["BASELINES", "CopyReference", "copy_reference_masks", "evaluate_strategies", "per_class_dice_table"]
+__all__ = [
+    "BASELINES", "CopyReference", "Foreground", "copy_reference_masks", "evaluate_strategies", "per_class_dice_table",
+]
 
 logger = logging.getLogger(__name__)
 
-BASELINES: dict[str, str] = {"copy_reference": "ensemble", "copy_reference_one_shot": "one_shot"}
-"""No-model baselines, each with the prompt strategy whose references it copies: all of them (majority vote) or
-the one-shot reference of each class."""
+BASELINES: dict[str, str] = {"copy_reference": "ensemble", "copy_reference_one_shot": "one_shot",
+                             "foreground": "one_shot"}
+"""No-model baselines, each with the prompt strategy whose references it uses: all of them (majority vote) or the
+one-shot reference of each class; ``foreground`` uses the references only for their classes."""
 
 
 def _nanmean(values: torch.Tensor) -> float:
@@ -82,6 +85,41 @@ class CopyReference(nn.Module):
         return logits.to(image.dtype).expand(image.shape[0], *logits.shape[1:])
 
 
+class Foreground(nn.Module):
+    """The "segment the body" baseline: every class predicted on the query's whole foreground, no model.
+
+    A structure that fills much of the body (gray matter in a skull-stripped brain, a large organ) scores a high Dice
+    this way without any reading of the boundaries between structures, so an in-context model should beat this
+    baseline as well as :class:`CopyReference` before its Dice says it told the structures apart.
+
+    Args:
+        threshold: foreground is ``image > threshold`` on the preprocessed query (intensities in [0, 1]). Default
+            0.1, above the background noise of a scaled CT or MR volume.
+        logit: magnitude of the returned logits. Default 20.
+    """
+
+    def __init__(self, threshold: float = 0.1, logit: float = 20.0) -> None:
+        super().__init__()
+        self.threshold, self.logit = float(threshold), logit
+
+    def encode_task(self, ref_image: torch.Tensor, ref_mask: torch.Tensor) -> torch.Tensor:
+        """``(B, R, 1, *S)`` images and ``(B, R, K, *S)`` masks (both unused but for ``K``) -> ``(B, K)``."""
+        mask = ref_mask if ref_mask.dim() == ref_image.dim() else ref_mask.unsqueeze(1)
+        return torch.ones(mask.shape[:1] + mask.shape[2:3], device=mask.device)
+
+    def segment(self, image: torch.Tensor, task_embeddings: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, *S)`` query and ``(1 or B, K)`` -> ``(B, K, *S)`` logits, inside wherever the query is
+        foreground."""
+        inside = (image > self.threshold).to(image.dtype)  # (B, 1, *S)
+        logits = (2.0 * inside - 1.0) * self.logit
+        return logits.expand(image.shape[0], task_embeddings.shape[1], *image.shape[2:])
+
+
+# the network each baseline swaps in for the model
+_BASELINE_NETWORKS = {"copy_reference": CopyReference, "copy_reference_one_shot": CopyReference,
+                      "foreground": Foreground}
+
+
 def per_class_dice_table(results: dict[str, dict[str, float]]) -> str:
     """Markdown table: one row per class, one column per strategy (and baseline), plus a mean row."""
     strategies = list(results)
@@ -103,10 +141,12 @@ def _per_class(evaluator: InContextEvaluator, metric_name: str) -> tuple[dict[st
     return row, per_case.shape[0]
 
 
-def _run_baseline(evaluator: InContextEvaluator, strategy: str) -> None:
-    """One evaluator run with the network swapped for :class:`CopyReference` and the prompt set to ``strategy``."""
+def _run_baseline(evaluator: InContextEvaluator, baseline: str, strategy: str) -> None:
+    """One evaluator run with the network swapped for the baseline's (:class:`CopyReference`, :class:`Foreground`)
+    and the prompt set to ``strategy``."""
     network, previous = evaluator.network, evaluator.prompt.strategy
-    evaluator.network, evaluator.prompt.strategy = CopyReference().to(evaluator.state.device), strategy
+    evaluator.network = _BASELINE_NETWORKS[baseline]().to(evaluator.state.device)
+    evaluator.prompt.strategy = strategy
     try:
         evaluator.run()
     finally:
@@ -130,7 +170,9 @@ def evaluate_strategies(
     the references' masks (all references the ensemble strategy uses), ``copy_reference_one_shot`` the mask of the
     one reference the one-shot strategy uses. The masks are the references' label maps after the evaluation's own
     preprocessing, taken as they are on the query's preprocessed grid, and are scored by the same evaluator and
-    metric as the strategies. They need references; without any (memory only) they are left out with a warning.
+    metric as the strategies. ``foreground`` (:class:`Foreground`) predicts every class on the whole foreground of
+    the query: what segmenting the body, not the structure, scores. They need references; without any (memory
+    only) they are left out with a warning.
 
     Returns:
         ``{strategy or baseline: {class: Dice, "mean": mean over classes}}``, strategies first, as written to JSON;
@@ -166,6 +208,6 @@ def _sweep(evaluator: InContextEvaluator, strategies: Sequence[str], baseline_ru
         if evaluator.prompt.references is None:
             logger.warning("%s needs references: no references file is set, so it is left out", baseline)
             continue
-        _run_baseline(evaluator, strategy)
+        _run_baseline(evaluator, baseline, strategy)
         results[baseline], cases = _per_class(evaluator, metric_name)
         logger.info("%s (no model): mean Dice %.4f over %d cases", baseline, results[baseline]["mean"], cases)

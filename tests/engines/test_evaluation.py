@@ -13,6 +13,7 @@ from monai.transforms import Activationsd, AsDiscreted, Compose, EnsureChannelFi
 from common.data import ErrorTolerantDataset, write_nifti
 from common.engines import (
     CopyReference,
+    Foreground,
     InContextEvaluator,
     InContextPrompt,
     copy_reference_masks,
@@ -92,6 +93,28 @@ def test_baselines_sit_beside_every_strategy(tmp_path):
     assert set(results["one_shot"]) == set(results["copy_reference"]) == {"cube_a", "cube_b", "mean"}
     assert results["copy_reference"]["cube_a"] == pytest.approx(0.75)
     assert per_class_dice_table(results).splitlines()[0] == "| class | one_shot | copy_reference |"
+
+
+def test_foreground_baseline_scores_the_whole_foreground(tmp_path):
+    evaluator = _evaluator(tmp_path, [0], 2)
+    results = evaluate_strategies(evaluator, [], tmp_path / "out", baselines=["foreground"])
+    # by hand from the query as written: every class predicted where the image exceeds 0.1
+    image = np.asarray(LoadImaged("image")({"image": str(tmp_path / "query.nii.gz")})["image"])
+    label = np.asarray(LoadImaged("label")({"label": str(tmp_path / "query_label.nii.gz")})["label"])
+    inside = image > 0.1
+    for name, value in CLASSES.items():
+        truth = label == value
+        expected = 2 * (inside & truth).sum() / (inside.sum() + truth.sum())
+        assert results["foreground"][name] == pytest.approx(float(expected), abs=1e-6)
+    assert results["foreground"]["cube_a"] > 0.5  # the larger cube fills much of the foreground
+
+
+def test_foreground_network():
+    image = torch.tensor([0.0, 0.2, 0.5, 0.05]).view(1, 1, 4, 1, 1)
+    embeddings = Foreground().encode_task(torch.zeros(1, 1, 1, 4, 1, 1), torch.zeros(1, 1, 2, 4, 1, 1))
+    logits = Foreground().segment(image, embeddings)
+    assert logits.shape == (1, 2, 4, 1, 1)
+    assert (logits[:, :, :, 0, 0] > 0).tolist() == [[[False, True, True, False]] * 2]
 
 
 def test_unknown_baseline_raises(tmp_path):
