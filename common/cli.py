@@ -34,16 +34,10 @@ CONVERT_KINDS = {
 
 
 def _vinbigdata_csv() -> str:
-    """torchxrayvision's copy of the VinBigData ``train.csv``, found without importing torchxrayvision (slow)."""
-    import importlib.util
+    """torchxrayvision's copy of the VinBigData ``train.csv``."""
+    from common.data.openi import torchxrayvision_data
 
-    spec = importlib.util.find_spec("torchxrayvision")
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError("torchxrayvision is not installed; it ships vinbigdata-train.csv.gz (pass --csv).")
-    path = Path(spec.origin).parent / "data" / "vinbigdata-train.csv.gz"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found in the installed torchxrayvision; pass --csv.")
-    return str(path)
+    return str(torchxrayvision_data("vinbigdata-train.csv.gz", "pass --csv"))
 
 
 def _refuse_existing(path: Path, command: str, overwrite: bool) -> None:

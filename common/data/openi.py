@@ -90,19 +90,29 @@ def parse_openi_report(xml_bytes: bytes | str, name: str) -> dict:
     }
 
 
+def torchxrayvision_data(name: str, hint: str) -> Path:
+    """Path of ``data/<name>`` inside the installed torchxrayvision package, found without importing it (slow).
+
+    Raises:
+        FileNotFoundError: torchxrayvision is not installed, or its copy lacks the file; ``hint`` says what to pass
+            instead.
+    """
+    spec = importlib.util.find_spec("torchxrayvision")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(f"torchxrayvision is not installed; it ships {name} ({hint}).")
+    path = Path(spec.origin).parent / "data" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found in the installed torchxrayvision; {hint}.")
+    return path
+
+
 def openi_reports_tgz() -> Path:
     """Path of ``NLMCXR_reports.tgz`` inside the installed torchxrayvision package.
 
     Raises:
         FileNotFoundError: torchxrayvision is not installed, or its copy lacks the file.
     """
-    spec = importlib.util.find_spec("torchxrayvision")
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError("torchxrayvision is not installed; it ships NLMCXR_reports.tgz (pass tgz=...).")
-    path = Path(spec.origin).parent / "data" / "NLMCXR_reports.tgz"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found in the installed torchxrayvision; pass tgz=... .")
-    return path
+    return torchxrayvision_data("NLMCXR_reports.tgz", "pass tgz=...")
 
 
 def _read_reports(tgz: Path) -> tuple[list[dict], list[dict]]:
