@@ -21,11 +21,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BASELINES: dict[str, str] = {"copy_reference": "ensemble", "copy_reference_one_shot": "one_shot",
-                             "foreground": "one_shot"}
-"""No-model baselines, each with the prompt strategy whose references it uses: all of them (majority vote) or the
-one-shot reference of each class; ``foreground`` uses the references only for their classes."""
-
 
 def _nanmean(values: torch.Tensor) -> float:
     v = values[~torch.isnan(values)]
@@ -115,9 +110,15 @@ class Foreground(nn.Module):
         return logits.expand(image.shape[0], task_embeddings.shape[1], *image.shape[2:])
 
 
-# the network each baseline swaps in for the model
-_BASELINE_NETWORKS = {"copy_reference": CopyReference, "copy_reference_one_shot": CopyReference,
-                      "foreground": Foreground}
+# each baseline: the prompt strategy whose references it uses, and the network it swaps in for the model
+_BASELINE_RUNS: dict[str, tuple[str, type[nn.Module]]] = {
+    "copy_reference": ("ensemble", CopyReference),
+    "copy_reference_one_shot": ("one_shot", CopyReference),
+    "foreground": ("one_shot", Foreground),
+}
+BASELINES: dict[str, str] = {name: strategy for name, (strategy, _) in _BASELINE_RUNS.items()}
+"""No-model baselines, each with the prompt strategy whose references it uses: all of them (majority vote) or the
+one-shot reference of each class; ``foreground`` uses the references only for their classes."""
 
 
 def per_class_dice_table(results: dict[str, dict[str, float]]) -> str:
@@ -145,7 +146,7 @@ def _run_baseline(evaluator: InContextEvaluator, baseline: str, strategy: str) -
     """One evaluator run with the network swapped for the baseline's (:class:`CopyReference`, :class:`Foreground`)
     and the prompt set to ``strategy``."""
     network, previous = evaluator.network, evaluator.prompt.strategy
-    evaluator.network = _BASELINE_NETWORKS[baseline]().to(evaluator.state.device)
+    evaluator.network = _BASELINE_RUNS[baseline][1]().to(evaluator.state.device)
     evaluator.prompt.strategy = strategy
     try:
         evaluator.run()

@@ -182,7 +182,6 @@ class UltralyticsTrainer:
         }
         self.repeat_threshold = float(repeat_threshold)
         self.negative_fraction = None if negative_fraction is None else float(negative_fraction)
-        self.seed = int(seed)
         self.num_train_images, self.metrics = 0, {}
 
     @property
@@ -211,7 +210,7 @@ class UltralyticsTrainer:
             # ultralytics reads a list file with repeated lines as repeated images: the sampling lives in the list
             listed, reports["sampling"] = sample_training_images(
                 reports["train"]["files"], reports["train"]["classes"], self.repeat_threshold, self.negative_fraction,
-                seed=self.seed)
+                seed=self.ultralytics_args["seed"])
             (root / "train.txt").write_text("".join(f"{path}\n" for path in listed))
             self.num_train_images, train = len(listed), "train.txt"
             logger.info("training list: %s", reports["sampling"])
