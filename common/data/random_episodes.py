@@ -7,7 +7,9 @@ Billot et al., Medical Image Analysis 2023) and UniverSeg (synthetic tasks; Buto
    random partition of space (argmax of smooth noise fields, optionally inside a body surrounded by background)
    overlaid with random structures, each with its own label: smooth blobs, large organs split into touching parts,
    nested structures (a folded shell around a core, like cortical gray matter around white matter), branching
-   tubes, curved plates and clusters of small nodules. Boundaries, not silhouettes, carry the classes.
+   tubes, curved plates, clusters of small nodules, and folded tissue ribbons around a core with islands of the
+   ribbon's tissue inside it (one class in several disjoint places, like gray matter around and within white
+   matter). Boundaries and intensities, not silhouettes, carry the classes.
 2. **Appearance** (:func:`random_appearance`): per-label mean intensities and texture drawn per episode, then per
    view a blur, a resolution loss (down- and up-sampling, often anisotropic, like thick slices), a multiplicative
    bias field, percentile normalisation to [0, 1], gamma, noise and, now and then, an inverted contrast.
@@ -50,10 +52,11 @@ __all__ = [
 CANVAS_MARGIN = 1.25  # canvas / view size: room for crops and deformations
 MIN_CLASS_VOXELS = 8  # a class must show this many voxels in the query and in every reference
 MAX_ATTEMPTS = 10  # fresh anatomies drawn when a draw leaves no class shown in every view
-STRUCTURE_WEIGHTS = {"blob": 3, "organs": 2, "nested": 3, "tubes": 2, "plate": 1, "nodules": 2}
+STRUCTURE_WEIGHTS = {"blob": 3, "organs": 2, "nested": 3, "tissues": 3, "tubes": 2, "plate": 1, "nodules": 2}
 MAX_ROTATION_DEG = 15.0
 SCALE_RANGE = (0.88, 1.12)
 MAX_ELASTIC_STD = 0.04  # of the view size, in voxels once scaled
+GROUP_EPISODE_P = 0.4  # episodes whose classes start with the parts of one multi-part structure
 
 
 @functools.lru_cache(maxsize=128)
@@ -171,6 +174,33 @@ class _Painter:
         for v, cut in zip(values, [0.0, *cuts]):
             self.paint(box, f > cut, v)
         self.groups.append(tuple(values))
+
+    def tissues(self, size: float) -> None:
+        """A large, finely folded ribbon of one tissue around a core of another, with islands of the ribbon's tissue
+        inside the core (like cortical and deep gray matter around white matter).
+
+        The ribbon's label is one class in several disjoint places, and the structure as a whole is a class too, so
+        only the references' intensities tell the two tissues apart from each other and from the whole.
+        """
+        box, f = self.level_set(size * self.rng.uniform(0.25, 0.45), self.rng.uniform(0.25, 0.6),
+                                int(self.rng.integers(6, 13)))
+        ribbon, core = self.new_labels(2)
+        cut = self.rng.uniform(0.08, 0.25)
+        self.paint(box, f > 0, ribbon)
+        self.paint(box, f > cut, core)
+        inner = np.argwhere(f > cut + 0.15)
+        for _ in range(int(self.rng.integers(0, 5)) if len(inner) else 0):
+            c = inner[self.rng.integers(len(inner))].astype(np.float32)
+            radius = self.rng.uniform(0.03, 0.08) * size
+            lo = np.maximum(np.floor(c - radius), 0).astype(int)
+            hi = np.minimum(np.ceil(c + radius) + 1, f.shape).astype(int)
+            sub = tuple(slice(a, b) for a, b in zip(lo, hi))
+            d2 = sum(((np.arange(a, b, dtype=np.float32) - x) * self.rng.uniform(0.7, 1.3)).reshape(
+                [-1 if i == axis else 1 for i in range(3)]) ** 2 for axis, (a, b, x) in enumerate(zip(lo, hi, c)))
+            island = np.zeros(f.shape, dtype=bool)
+            island[sub] = d2 <= radius**2
+            self.paint(box, island & (f > cut), ribbon)
+        self.groups.append((ribbon, core))
 
     def tubes(self, size: float) -> None:
         """A branching tube tree: a persistent random walk that splits now and then, radius shrinking per branch."""
@@ -405,9 +435,22 @@ def _draw_classes(
     if not shown:
         return []
     k = max_classes if rng.random() < 0.6 else int(rng.integers(1, max_classes + 1))
-    weights = np.array([1.0 if len(c) == 1 else 0.5 for c in shown])
-    chosen = rng.choice(len(shown), size=min(k, len(shown)), replace=False, p=weights / weights.sum())
-    return [shown[i] for i in chosen]
+    chosen: list[tuple[int, ...]] = []
+    groups = [c for c in shown if len(c) > 1]
+    if groups and rng.random() < GROUP_EPISODE_P:
+        # the parts of one structure side by side, and sometimes the structure as a whole: classes that share a
+        # region and differ only inside it, the hardest case (gray and white matter within a brain)
+        group = groups[rng.integers(len(groups))]
+        parts = [(v,) for v in group if (v,) in shown]
+        chosen = [parts[i] for i in rng.permutation(len(parts))[:k]]
+        if len(chosen) < k and rng.random() < 0.5:
+            chosen.append(group)
+    rest = [c for c in shown if c not in chosen]
+    if len(chosen) < k and rest:
+        weights = np.array([1.0 if len(c) == 1 else 0.5 for c in rest])
+        picked = rng.choice(len(rest), size=min(k - len(chosen), len(rest)), replace=False, p=weights / weights.sum())
+        chosen += [rest[i] for i in picked]
+    return [chosen[i] for i in rng.permutation(len(chosen))]
 
 
 def random_episode(

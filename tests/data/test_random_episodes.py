@@ -9,6 +9,8 @@ from monai.engines import SupervisedTrainer
 from monai.losses import DiceCELoss
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Resized
 
+from scipy import ndimage
+
 from common.data import (
     EpisodeDataset,
     MixedEpisodeDataset,
@@ -21,6 +23,7 @@ from common.data import (
     random_episode,
     render_view,
 )
+from common.data.random_episodes import _draw_classes, _Painter
 from common.engines import prepare_episode_batch
 from common.handlers import DatasetEpochHandler, MemoryBankUpdater
 from common.losses import IgnoreChannelsLoss
@@ -165,6 +168,37 @@ def test_anatomy_has_many_structures_and_nested_groups():
         assert set(np.unique(label)) <= set(range(anatomy.num_labels + 1))
     assert min(labels) >= 4 and max(labels) >= 10
     assert groups and all(len(g) >= 2 for g in groups)
+
+
+def test_tissue_ribbon_surrounds_its_core_and_reappears_inside_it():
+    """The brain-like structure: a ribbon label on the outside of the structure, a core label inside, and in some
+    draws islands of the ribbon's label within the core, so one class lies in several disjoint places."""
+    islands = []
+    for seed in range(6):
+        painter = _Painter(np.random.default_rng(seed), np.zeros((48, 48, 48), dtype=np.int16), None)
+        painter.tissues(48.0)
+        ribbon, core = painter.groups[-1]
+        whole = np.isin(painter.label, (ribbon, core))
+        surface = whole & ~ndimage.binary_erosion(whole, border_value=1)
+        # the ribbon wraps the core (measured 0.76-0.93: where folds make it thinner than a voxel, the core shows)
+        assert (painter.label[surface] == ribbon).mean() > 0.7 > (painter.label[whole] == ribbon).mean()
+        assert (painter.label == core).sum() > 0
+        inner = ndimage.binary_erosion(whole, iterations=3)
+        islands.append(int((painter.label[inner] == ribbon).sum() > 0))
+    assert 0 < sum(islands)
+
+
+def test_class_draws_often_pair_the_parts_of_one_structure():
+    """About GROUP_EPISODE_P of the episodes set parts of one multi-part structure side by side (the gray/white
+    matter case); a uniform draw among ~25 candidates would rarely do so."""
+    anatomy = random_anatomy(np.random.default_rng(1), (40, 40, 40))
+    labels = [anatomy.label] * 2
+    paired = 0
+    for seed in range(200):
+        classes = _draw_classes(np.random.default_rng(seed), labels, anatomy, 3)
+        singles = {c[0] for c in classes if len(c) == 1}
+        paired += any(len(singles & set(g)) >= 2 for g in anatomy.groups)
+    assert 0.25 < paired / 200 < 0.7
 
 
 def test_random_episode_is_a_function_of_the_generator_state():
