@@ -29,7 +29,6 @@ found in some pipelines is a soft-tissue window (``CT_WINDOWS["soft_tissue"]``);
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -37,10 +36,9 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
-
 from common.data.report_text import split_sentences
 from common.data.synthetic_ct_reports import CT_REGIONS
+from common.data.tables import assign_splits, check_split, match_columns, read_csv
 from common.transforms.intensity import CT_WINDOWS
 
 __all__ = [
@@ -91,31 +89,6 @@ def _findings(text: str, regions: Sequence[str]) -> list[dict]:
 
 
 # -------------------------------------------------------------------------------------------------------- helpers
-def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
-    """Header and ``(line number, row)`` pairs; the header is line 1, quoted multi-line fields count their lines."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found.")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None:
-            raise ValueError(f"{path}: empty CSV file.")
-        header = [name.strip() for name in reader.fieldnames]
-        reader.fieldnames = header
-        rows, start = [], 2
-        for row in reader:
-            rows.append((start, {k: (v or "").strip() for k, v in row.items() if k is not None}))
-            start = reader.line_num + 1
-    return header, rows
-
-
-def _columns(header: Sequence[str], wanted: Sequence[str], path: Path) -> dict[str, str]:
-    by_lower = {name.lower(): name for name in header}
-    missing = [w for w in wanted if w.lower() not in by_lower]
-    if missing:
-        raise ValueError(f"{path}: missing columns {missing}; found {list(header)}.")
-    return {w: by_lower[w.lower()] for w in wanted}
-
-
 def _index_files(folder: Path) -> dict[str, Path]:
     """File name -> path for every NIfTI below ``folder`` (the first in sorted order wins a repeated name)."""
     if not folder.is_dir():
@@ -133,23 +106,10 @@ def _relative(file: Path, base: Path) -> str:
     return Path(os.path.relpath(file.resolve(), base.resolve())).as_posix()
 
 
-def _check_split(val_fraction: float, split_seed: int) -> None:
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction <= 1.0:
-        raise ValueError(f"val_fraction should be in [0, 1], got {val_fraction}.")
-    if isinstance(split_seed, bool) or not isinstance(split_seed, (int, np.integer)) or split_seed < 0:
-        raise ValueError(f"split_seed should be a non-negative integer, got {split_seed}.")
-
-
-def _validation_groups(groups: Sequence[str], val_fraction: float, split_seed: int) -> set[str]:
-    """``round(n * val_fraction)`` of the sorted distinct groups, drawn by a seeded permutation (row order free)."""
-    ordered = sorted(set(groups))
-    order = np.random.default_rng(split_seed).permutation(len(ordered))
-    return {ordered[i] for i in order[: int(round(len(ordered) * val_fraction))]}
-
-
 def _write(out_json: Path, name: str, description: str, regions: Sequence[str], cases: list[dict], groups: list[str],
            val_fraction: float, split_seed: int) -> tuple[int, int]:
-    validation = _validation_groups(groups, val_fraction, split_seed)
+    splits = assign_splits(groups, val_fraction, seed=split_seed, count="groups")  # a patient's volumes stay together
+    validation = {g for g, split in zip(groups, splits) if split == "validation"}
     training = [c for c, g in zip(cases, groups) if g not in validation]
     held = [c for c, g in zip(cases, groups) if g in validation]
     out_json.parent.mkdir(parents=True, exist_ok=True)
@@ -207,10 +167,10 @@ def convert_ct_rate(
         ``cases``, ``training``, ``validation``, ``rows`` (read) and ``skipped`` (list of ``{"row": CSV line,
         "volume": name, "reason": ...}``).
     """
-    _check_split(val_fraction, split_seed)
+    check_split(val_fraction, split_seed)
     path, out_json = Path(reports_csv), Path(out_json)
-    header, rows = _read_csv(path)
-    cols = _columns(header, ("VolumeName", "Findings_EN", "Impressions_EN"), path)
+    header, rows = read_csv(path)
+    cols = match_columns(header, ("VolumeName", "Findings_EN", "Impressions_EN"), path)
     volumes = _index_files(Path(volume_dir))
     masks = None if mask_dir is None else _index_files(Path(mask_dir))
     base = out_json.parent
@@ -384,7 +344,7 @@ def convert_omniabnorm_cot(
         ``cases``, ``training``, ``validation``, ``rows`` (items read) and ``skipped`` (list of ``{"row": item index
         from 0, "case_id", "reason"}``).
     """
-    _check_split(val_fraction, split_seed)
+    check_split(val_fraction, split_seed)
     if num_regions is not None and (isinstance(num_regions, bool) or not isinstance(num_regions, int)
                                     or num_regions < 1):
         raise ValueError(f"num_regions should be a positive integer or None, got {num_regions}.")

@@ -23,12 +23,12 @@ import os
 import re
 import tarfile
 import xml.etree.ElementTree as ET
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from common.data.tables import assign_splits
 from common.data.findings_table import DEFAULT_FINDINGS_TABLE, load_findings_table, mesh_findings, silver_entities
 
 __all__ = [
@@ -163,21 +163,6 @@ def _group_components(reports: Sequence[dict]) -> list[str]:
     return [root(ks[0]) for ks in keys]
 
 
-def _assign_splits(components: Sequence[str], val_fraction: float, test_fraction: float, seed: int) -> list[str]:
-    """Split name per report: whole components, drawn in a seeded order, fill test then validation to
-    ``round(n * fraction)`` reports; the rest is training."""
-    sizes = Counter(components)
-    order = sorted(sizes)
-    targets = {"test": round(len(components) * test_fraction), "validation": round(len(components) * val_fraction)}
-    counts, split_of = {"test": 0, "validation": 0}, {}
-    for i in np.random.default_rng(seed).permutation(len(order)):
-        split = next((s for s in ("test", "validation") if counts[s] < targets[s]), "training")
-        split_of[order[i]] = split
-        if split != "training":
-            counts[split] += sizes[order[i]]
-    return [split_of[c] for c in components]
-
-
 def _report_number(report_id: str) -> tuple:
     digits = re.findall(r"\d+", report_id)
     return (int(digits[0]) if digits else -1, report_id)
@@ -264,7 +249,7 @@ def convert_openi_reports(
     data = {"name": "openi_reports", "description": f"Indiana University / OpenI chest X-ray reports from {tgz.name}, "
             "MeSH-derived finding labels and silver entities; made by common.data.openi.convert_openi_reports.",
             "findings": findings, "license": table["license"], **{s: [] for s in SPLITS}}
-    for report, split in zip(kept, _assign_splits(_group_components(kept), val_fraction, test_fraction, seed)):
+    for report, split in zip(kept, assign_splits(_group_components(kept), val_fraction, test_fraction, seed)):
         positive = mesh_findings(report["mesh"], table)
         data[split].append({
             "id": report["id"], "text": report["text"], "label": [int(f in positive) for f in findings],

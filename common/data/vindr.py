@@ -19,9 +19,6 @@ in one split. The detection converter merges the readers' boxes of an image by w
 
 from __future__ import annotations
 
-import csv
-import gzip
-import io
 import json
 import math
 import os
@@ -33,6 +30,7 @@ import numpy as np
 import pydicom
 
 from common.data.boxes import fuse_boxes_wbf
+from common.data.tables import assign_splits, check_split, match_columns, read_csv
 
 __all__ = [
     "VINDR_DETECTION_CLASSES",
@@ -97,55 +95,6 @@ _COLUMN_ALIASES = {"rad_id": "rad_id", "other disease": "Other diseases"}
 
 
 # ------------------------------------------------------------------------------------------------------- reading
-def _open_csv(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
-    """Header and ``(line number, row)`` pairs of a CSV or gzipped CSV; the header is line 1."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found.")
-    raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
-    reader = csv.DictReader(io.StringIO(raw.decode("utf-8-sig"), newline=""))
-    if reader.fieldnames is None:
-        raise ValueError(f"{path}: empty CSV file.")
-    header = [name.strip() for name in reader.fieldnames]
-    reader.fieldnames = header
-    rows = []
-    for row in reader:
-        # DictReader counts physical lines, so quoted fields spanning lines keep the right number
-        rows.append((reader.line_num, {k: (v or "").strip() for k, v in row.items() if k is not None}))
-    return header, rows
-
-
-def _canonical_columns(header: Sequence[str], wanted: Sequence[str], path: Path) -> dict[str, str]:
-    """Map each wanted name to the header's spelling (case-insensitive, known aliases); ValueError if one is missing."""
-    by_lower = {}
-    for name in header:
-        by_lower[name.lower()] = name
-        alias = _COLUMN_ALIASES.get(name.lower())
-        if alias is not None:
-            by_lower.setdefault(alias.lower(), name)
-    missing = [w for w in wanted if w.lower() not in by_lower]
-    if missing:
-        raise ValueError(f"{path}: missing columns {missing}; found {list(header)}.")
-    return {w: by_lower[w.lower()] for w in wanted}
-
-
-def _split_ids(image_ids: Sequence[str], val_fraction: float, split_seed: int) -> set[str]:
-    """Validation ids: ``round(n * val_fraction)`` of the sorted ids, drawn by a permutation seeded with ``split_seed``.
-
-    Sorting first makes the split independent of row order.
-    """
-    ordered = sorted(image_ids)
-    count = int(round(len(ordered) * val_fraction))
-    order = np.random.default_rng(split_seed).permutation(len(ordered))
-    return {ordered[i] for i in order[:count]}
-
-
-def _check_split_arguments(val_fraction: float, split_seed: int) -> None:
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction <= 1.0:
-        raise ValueError(f"val_fraction should be in [0, 1], got {val_fraction}.")
-    if isinstance(split_seed, bool) or not isinstance(split_seed, (int, np.integer)) or split_seed < 0:
-        raise ValueError(f"split_seed should be a non-negative integer, got {split_seed}.")
-
-
 def _image_entry(image_id: str, image_dir: Path | None, image_ext: str, base: Path) -> tuple[str, Path | None]:
     """Datalist path of an image, relative to ``base``, and its file when ``image_dir`` is known."""
     if image_dir is None:
@@ -197,12 +146,12 @@ def convert_vindr_classification(
         ``{"row": line, "image_id", "reason"}`` or ``{"image_id", "reason"}``), ``readers`` (readers per image ->
         image count) and ``positives`` (label -> positive images after the vote).
     """
-    _check_split_arguments(val_fraction, split_seed)
+    check_split(val_fraction, split_seed)
     path, out_json = Path(labels_csv), Path(out_json)
     image_dir = None if image_dir is None else Path(image_dir)
-    header, rows = _open_csv(path)
+    header, rows = read_csv(path)
     labels = VINDR_LOCAL_LABELS + VINDR_GLOBAL_LABELS
-    columns = _canonical_columns(header, ("image_id", "rad_id", *labels), path)
+    columns = match_columns(header, ("image_id", "rad_id", *labels), path, _COLUMN_ALIASES)
 
     skipped: list[dict] = []
     votes: dict[str, list[np.ndarray]] = defaultdict(list)
@@ -234,7 +183,8 @@ def convert_vindr_classification(
             "readers": len(marks),
         }
 
-    validation = _split_ids(list(items), val_fraction, split_seed)
+    splits = assign_splits(list(items), val_fraction, seed=split_seed)
+    validation = {image_id for image_id, split in zip(items, splits) if split == "validation"}
     _write_json({
         "name": "vindr_cxr",
         "description": f"VinDr-CXR image labels from {path.name}, majority vote over readers; made by "
@@ -359,14 +309,15 @@ def convert_vindr_detection(
         ``{"image_id", "reason"}`` per dropped image), ``unknown_size`` (images whose boxes could not be checked
         against the image) and ``per_class`` (fused boxes per class name).
     """
-    _check_split_arguments(val_fraction, split_seed)
+    check_split(val_fraction, split_seed)
     classes = tuple(classes)
     if not classes or len(set(classes)) != len(classes):
         raise ValueError(f"classes should be unique names, got {classes}.")
     path, out_dir = Path(annotations_csv), Path(out_dir)
     image_dir = None if image_dir is None else Path(image_dir)
-    header, rows = _open_csv(path)
-    columns = _canonical_columns(header, ("image_id", "class_name", "x_min", "y_min", "x_max", "y_max"), path)
+    header, rows = read_csv(path)
+    columns = match_columns(header, ("image_id", "class_name", "x_min", "y_min", "x_max", "y_max"), path,
+                            _COLUMN_ALIASES)
     lower = {name.lower(): name for name in header}
     rad_column, id_column = lower.get("rad_id"), lower.get("class_id")
     class_index = {name.lower(): i for i, name in enumerate(classes)}
@@ -425,7 +376,8 @@ def convert_vindr_detection(
             label_file.write_text(yolo_lines(entry_boxes, size))
             items[image_id]["label"] = f"labels/{image_id}.txt"
 
-    validation = _split_ids(list(items), val_fraction, split_seed)
+    splits = assign_splits(list(items), val_fraction, seed=split_seed)
+    validation = {image_id for image_id, split in zip(items, splits) if split == "validation"}
     _write_json({
         "name": "vindr_cxr_detection",
         "description": f"VinDr-CXR boxes from {path.name}, readers fused by weighted box fusion; made by "
