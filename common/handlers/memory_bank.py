@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import ignite.distributed as idist
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
@@ -55,14 +56,9 @@ class MemoryBankUpdater:
         ids = torch.stack([b["class_ids"] for b in batch]) if isinstance(batch, list) else batch["class_ids"]
         ids = ids.to(embeddings.device)
         if dist.is_available() and dist.is_initialized():
-            embeddings, ids = _all_gather(embeddings.float()), _all_gather(ids)
+            # every rank's episodes reach every rank's bank (same batch shape on every rank, as DDP requires)
+            embeddings, ids = idist.all_gather(embeddings.float()), idist.all_gather(ids)
         keep = ids >= 0
         names = [self.class_names[i] for i in ids[keep].tolist()]
         if names:
             unwrap(engine.network).memory_bank.update(names, embeddings[keep].float())
-
-
-def _all_gather(x: torch.Tensor) -> torch.Tensor:
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
