@@ -73,3 +73,17 @@ def test_engines_do_not_import_converters():
 def test_unwrap_is_not_defined_in_the_prompt_module():
     tree = ast.parse((ENGINES / "prompt.py").read_text(encoding="utf-8"))
     assert "unwrap" not in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+
+
+def test_ultralytics_is_entered_only_through_common_yolo():
+    """ultralytics changes the process as it imports (threads, environment, a settings file): every module outside
+    ``common/yolo`` that imports it also imports the adapter's ``import_ultralytics`` to do it first."""
+    strays = []
+    for path in sorted((ROOT / "common").rglob("*.py")):
+        package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+        modules = imported_modules(path.read_text(), package)
+        if not any(m == "ultralytics" or m.startswith("ultralytics.") for m in modules):
+            continue
+        if path.parent != ROOT / "common" / "yolo" and "common.yolo.env.import_ultralytics" not in modules:
+            strays.append(str(path.relative_to(ROOT)))
+    assert strays == []

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from common.benchmarks.timing import time_call
-from common.yolo_env import import_ultralytics, keep_process_state
+from common.yolo.env import import_ultralytics, keep_process_state
 
 __all__ = ["benchmark_yolo"]
 

@@ -73,4 +73,3 @@ from .vindr import (
     convert_vindr_detection,
 )
 from .volume import VOLUME_SUFFIXES, VolumeReader
-from .yolo_dataset import repeat_factors, sample_training_images, write_yolo_data_yaml, write_yolo_split

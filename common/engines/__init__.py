@@ -56,4 +56,3 @@ from .report_labeler import (
 from .retrieval import RetrievalEvaluator, evaluate_retrieval
 from .robust import CasesFailedError, RobustEvaluator
 from .utils import unwrap
-from .yolo import UltralyticsTrainer, ultralytics_device

@@ -4,6 +4,10 @@ Coordinates: boxes are ``(x0, y0, x1, y1)`` in pixels with ``x`` along columns a
 ``[c, c + 1) x [r, r + 1)``, as in ``common.data`` and ``common.visualize``. Images enter in MONAI's 2D layout
 ``(B, C, W, H)`` (first spatial axis = columns, as ``LoadImage`` gives them) and are transposed to the networks'
 ``(B, C, H, W)`` here, so returned boxes are in the pixel grid of the image the reader returned.
+
+The letterbox is ultralytics' (``LetterBox``, which trains the detector: same content size and offset) done on
+batched tensors on the network's device, and the NMS is ``torchvision.ops.batched_nms`` per class, keeping what
+ultralytics' ``non_max_suppression`` keeps; ``tests/yolo/test_agreement.py`` checks both against ultralytics.
 """
 
 from __future__ import annotations

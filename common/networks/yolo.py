@@ -41,7 +41,7 @@ class YOLODetector(nn.Module):
     The weight-bearing part is ``self.model``, ultralytics' ``DetectionModel`` (Redmon et al., "You Only Look Once",
     https://arxiv.org/abs/1506.02640; anchor-free decoupled heads of the v5u/v8/11 families), built from the YAML
     (random weights; nothing is downloaded) with ``ch=in_channels`` and ``nc=num_classes``. ultralytics is imported
-    here, lazily, through :func:`common.yolo_env.import_ultralytics`.
+    here, lazily, through :func:`common.yolo.env.import_ultralytics`.
 
     ``forward`` in eval mode returns the decoded predictions before NMS, ``(B, 4 + num_classes, A)``: per anchor the
     box centre ``x``, centre ``y``, width and height in input pixels (``x`` along columns) and one sigmoid score per
@@ -85,7 +85,7 @@ class YOLODetector(nn.Module):
                 f"model should be an ultralytics model YAML name such as 'yolov5s.yaml' (families {MODEL_FAMILIES}) "
                 f"or a local YAML file, got '{model}'; load trained weights with 'weights'."
             )
-        from common.yolo_env import import_ultralytics
+        from common.yolo.env import import_ultralytics
 
         import_ultralytics()
         from ultralytics.nn.tasks import DetectionModel

@@ -1,8 +1,8 @@
 """ultralytics' ``DetectionTrainer`` as the bundle runs it: no third-party integrations, optional EMA, TensorBoard,
 MLflow through MONAI's ``MLFlowHandler``.
 
-This module imports ultralytics at import time, so only :class:`common.engines.yolo.UltralyticsTrainer` imports it,
-inside ``run`` and after :func:`common.yolo_env.import_ultralytics`; no package ``__init__`` does. Its names are
+This module imports ultralytics at import time, so only :class:`common.yolo.trainer.UltralyticsTrainer` imports it,
+inside ``run`` and after :func:`common.yolo.env.import_ultralytics`; no package ``__init__`` does. Its names are
 module-level so that ultralytics' DDP launcher, which pickles the trainer class and its callbacks by reference,
 rebuilds the same trainer in each worker process.
 """

@@ -15,8 +15,8 @@ from monai.handlers import MLFlowHandler
 from torch.utils.data import DataLoader
 
 from common.bundle.args import as_bool, user_error
-from common.data.yolo_dataset import sample_training_images, write_yolo_data_yaml, write_yolo_split
-from common.yolo_env import import_ultralytics, keep_process_state
+from common.yolo.dataset import sample_training_images, write_yolo_data_yaml, write_yolo_split
+from common.yolo.env import import_ultralytics, keep_process_state
 
 __all__ = ["UltralyticsTrainer", "ultralytics_device"]
 
@@ -92,7 +92,7 @@ class UltralyticsTrainer:
         tensorboard: log scalars to TensorBoard in ``output_dir``. Default True.
         run_name: the ultralytics run folder's name. Default ``"ultralytics"``.
         repeat_threshold: class-aware sampling: images of classes shown in fewer than this fraction of the training
-            images are repeated in the training list (:func:`common.data.repeat_factors`); 0 repeats nothing.
+            images are repeated in the training list (:func:`common.yolo.repeat_factors`); 0 repeats nothing.
             Default 0.
         negative_fraction: "no finding" training images (no box) kept, at most this fraction of the training list;
             None keeps them all. Default None.
@@ -107,6 +107,10 @@ class UltralyticsTrainer:
             per epoch, the training losses, validation metrics and learning rates; its ``artifacts`` are logged and
             the run closed (``close_on_complete``) after training. Default None.
     """
+
+    # ultralytics' trainer runs its own forward passes: a MONAI inferer would have nothing to do in training, so
+    # the bundle property check does not ask the config for `train#inferer` (see check_workflow_properties)
+    uses_inferer = False
 
     def __init__(
         self,
@@ -259,7 +263,7 @@ class UltralyticsTrainer:
                              "Choose another --ckpt_dir, continue that run with --resume true, or pass --overwrite "
                              "true.", FileExistsError)
         import_ultralytics(config_dir=self.output_dir / "ultralytics_settings")
-        from common.engines.ultralytics_trainer import (
+        from common.yolo.detection_trainer import (
             BundleDetectionTrainer, close_tensorboard, disable_ema, log_tensorboard, mlflow_tracking)
 
         self.output_dir.mkdir(parents=True, exist_ok=True)

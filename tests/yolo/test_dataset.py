@@ -10,7 +10,7 @@ import torch
 from monai.data import MetaTensor
 from PIL import Image
 
-from common.data.yolo_dataset import repeat_factors, sample_training_images, write_yolo_data_yaml, write_yolo_split
+from common.yolo.dataset import repeat_factors, sample_training_images, write_yolo_data_yaml, write_yolo_split
 
 
 def _item(width: int, height: int, boxes, name: str = "a.png") -> dict:

@@ -18,7 +18,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, ScaleIntensityRangePe
 from PIL import Image
 
 from common.data import ErrorTolerantDataset, LESION_CLASSES, generate_synthetic_cxr, load_datalist
-from common.engines.yolo import UltralyticsTrainer, ultralytics_device
+from common.yolo.trainer import UltralyticsTrainer, ultralytics_device
 from common.transforms import LoadMedicalImaged
 
 pytestmark = pytest.mark.xdist_group(name="yolo_engine")
@@ -69,19 +69,19 @@ def test_mlflow_callbacks_pickle_for_ddp_workers(tmp_path, monkeypatch):
     """ultralytics' DDP launcher pickles the callbacks: the MLflow logger travels as its URI and run id."""
     import pickle
 
-    from common.yolo_env import import_ultralytics
+    from common.yolo.env import import_ultralytics
 
     for name in ("YOLO_OFFLINE", "YOLO_AUTOINSTALL"):
         monkeypatch.delenv(name, raising=False)  # restored after the test
     monkeypatch.setenv("YOLO_CONFIG_DIR", os.environ.get("YOLO_CONFIG_DIR") or str(tmp_path))
     import_ultralytics()
-    from common.engines.ultralytics_trainer import MLflowEpochLogger
+    from common.yolo.detection_trainer import MLflowEpochLogger
 
     tracker = MLflowEpochLogger(f"sqlite:///{tmp_path / 'mlruns.db'}", "run")
     assert tracker.client is not None
     callback = pickle.loads(pickle.dumps(tracker.log_epoch))
     assert callback.__self__.run_id == "run" and callback.__self__._client is None
-    assert callback.__module__ == "common.engines.ultralytics_trainer"  # kept by BundleDetectionTrainer
+    assert callback.__module__ == "common.yolo.detection_trainer"  # kept by BundleDetectionTrainer
 
 
 def test_trainer_translates_config_to_ultralytics_arguments(tmp_path):
@@ -194,7 +194,8 @@ def test_common_packages_do_not_import_ultralytics(tmp_path):
     code = (
         "import sys, torch; torch.set_num_threads(2); "
         "import common, common.data, common.engines, common.transforms, common.networks, common.handlers; "
-        "import common.engines.yolo, common.engines.detection, common.networks.yolo, common.transforms.detection; "
+        "import common.yolo, common.yolo.trainer, common.engines.detection, common.networks.yolo; "
+        "import common.transforms.detection; "
         "import common.transforms.clahe, common.handlers.detection_map, common.benchmarks.yolo; "
         "print('ultralytics' in sys.modules, torch.get_num_threads())"
     )
@@ -213,7 +214,7 @@ def test_a_damaged_png_is_named_as_such_once_ultralytics_is_imported(tmp_path):
     Image.fromarray(image).save(buffer, format="PNG")
     (tmp_path / "cut_header.png").write_bytes(buffer.getvalue()[:30])
     code = (
-        "import sys, os; from common.yolo_env import import_ultralytics; import_ultralytics(); "
+        "import sys, os; from common.yolo.env import import_ultralytics; import_ultralytics(); "
         "from ultralytics import YOLO; from common.transforms import LoadMedicalImaged\n"
         "try:\n    LoadMedicalImaged(keys='image')({'image': sys.argv[1]})\n"
         "except Exception as err:\n    print(type(err).__name__, err)"
