@@ -388,7 +388,7 @@ class CLI:
         and compared with PyTorch on the bundle's embedded sample with its shipped weights; prints the report
         (largest difference per output, PyTorch and onnxruntime latency on ``--threads`` threads) and writes it to
         ``<out>/export_report.json``. Further ``--id value`` pairs override ``inference.json`` (e.g. ``--ckpt_path``,
-        ``--queries``). ``bundle``: a folder or a name under ``bundles/``."""
+        ``--images``). ``bundle``: a folder or a name under ``bundles/``."""
         overwrite = as_bool(overwrite, "--overwrite")
         dynamo = None if dynamo is None else as_bool(dynamo, "--dynamo")
         from common.bundle.export import capture_network_inputs, export_onnx

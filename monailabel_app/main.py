@@ -68,7 +68,7 @@ def build_infer_task(name: str, path: str, datastore: Datastore | None = None, c
             result_json=("explanation", ".json"),
         )
     if name == "ct_report_encoder":
-        return BundleWorkflowInferTask(path, InferType.OTHERS, [], 3, query_id="images", result=("global", ".npy"))
+        return BundleWorkflowInferTask(path, InferType.OTHERS, [], 3, result=("global", ".npy"))
     if name == "yolo_cxr_detection":
         return BundleWorkflowInferTask(
             path, InferType.DETECTION, channel_names(path, prefix="score: "), 2, result=("detections", ".png"),
@@ -89,7 +89,7 @@ def build_train_task(name: str, path: str, conf: dict, run_dir: str) -> TrainTas
     config = _train_config(path)
     if name == "csr_cxr_classification":
         labels = JsonLabels(("concepts", "diseases"),
-                            vectors={"concepts": config["concept_names"], "diseases": config["disease_names"]})
+                            vectors={"concepts": config["concept_names"], "diseases": config["class_names"]})
         # train.json has its own CheckpointLoader (previous_checkpoint, for chaining stages), so MONAI Label adds
         # none: the shipped weights start training through it (an absolute path ignores ckpt_dir)
         return BundleWorkflowTrainTask(path, conf, run_dir, labels=labels,

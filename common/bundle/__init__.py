@@ -1,4 +1,5 @@
-"""Bundle conventions: the metadata schema and the checks every bundle under ``bundles/`` passes."""
+"""Bundle conventions: the metadata schema, the shared config vocabulary and the checks every bundle under
+``bundles/`` passes."""
 
 from .validate import (
     MASK_FORMATS,
@@ -15,3 +16,4 @@ from .validate import (
     validate_metadata,
     verify_network_io,
 )
+from .vocabulary import RETIRED, VOCABULARY, check_vocabulary, config_ids

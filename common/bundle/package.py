@@ -49,7 +49,8 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]
 # Where the vendored copy lives inside the packaged bundle, as a dotted name relative to the bundle root.
 SCRIPTS = "scripts"
 VENDOR_PACKAGE = f"{SCRIPTS}.{PACKAGE}"
-# Copied from the source bundle when present (configs/ and models/model.pt are required and handled apart).
+# Copied from the source bundle when present (configs/ and models/model.pt are required and handled apart; other
+# models/*.pt files, such as the CT encoder's text.pt, are copied beside model.pt).
 BUNDLE_FILES = ("docs", "sample", "LICENSE")
 WEIGHTS = "models/model.pt"
 # Pinned by metadata's own fields (monai_version, pytorch_version, numpy_version) rather than the package list.
@@ -358,6 +359,9 @@ def _stage(root: Path, stage: Path, weights_url: str) -> None:
             shutil.copy2(source, stage / rel)
     (stage / "models").mkdir()
     shutil.copy2(root / WEIGHTS, stage / WEIGHTS)
+    for extra in sorted((root / "models").glob("*.pt")):  # weights beside the network's, e.g. the CT text tower's
+        if extra.name != Path(WEIGHTS).name:
+            shutil.copy2(extra, stage / "models" / extra.name)
 
     configs = _read_configs(root)
     try:

@@ -13,6 +13,7 @@ Conventions beyond MONAI's tools:
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import tempfile
@@ -275,6 +276,9 @@ def check_workflow_properties(
         workflow_type=workflow_type,
         **{"bundle_root": str(root), **override},
     )
+    if workflow_type == "train" and not _trainer_uses_inferer(workflow.parser):
+        # a trainer that runs its own forward passes (ultralytics') has no use for `train#inferer`
+        workflow.properties.pop("train_inferer", None)
     # MONAI raises on the first absent required ID; listing them up front names every one.
     absent = [
         name
@@ -293,6 +297,19 @@ def check_workflow_properties(
         if not prop.get(BundleProperty.REQUIRED, False) and not _refers_by_id(workflow.parser, name, prop)
     ]
     return missing + wrong
+
+
+def _trainer_uses_inferer(parser: ConfigParser) -> bool:
+    """False when ``train#trainer``'s class says ``uses_inferer = False``; True otherwise (MONAI's trainers)."""
+    target = parser.get(f"train{ID_SEP_KEY}trainer{ID_SEP_KEY}_target_")
+    if not isinstance(target, str) or target.startswith(EXPR_KEY):
+        return True
+    module, _, name = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError):
+        return True
+    return bool(getattr(cls, "uses_inferer", True))
 
 
 def _refers_by_id(parser: ConfigParser, name: str, prop: Mapping) -> bool:

@@ -142,7 +142,7 @@ class ConceptStageTrainer(StepTrainer):
         engine.state.output = {Keys.IMAGE: image, Keys.LABEL: targets if self.stage == 3 else concepts}
 
         def _compute() -> None:
-            out = engine.network(image)
+            out = engine.inferer(image, engine.network)  # SimpleInferer, or AutocastInferer for bf16 on CPU
             engine.state.output[Keys.PRED] = out["logits"] if self.stage == 3 else out["concept_logits"]
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             engine.state.output[Keys.LOSS] = self._stage_loss(out, concepts, targets).mean()

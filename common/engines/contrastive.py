@@ -222,7 +222,7 @@ class ContrastiveTrainer(StepTrainer):
         engine.state.output = {Keys.IMAGE: image}
 
         def _compute() -> None:
-            levels = engine.network(image, mask, reports)
+            levels = engine.inferer(image, engine.network, mask, reports)
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             engine.state.output[Keys.LOSS] = levels["total"]
             engine.state.output.update({f"loss_{k}": v.detach() for k, v in levels.items() if k != "total"})

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from common.data.report_text import report_text_batch
-from common.engines.contrastive import embed_texts
+from common.engines.contrastive import EncodingInferer, embed_texts
 from common.engines.robust import RobustEvaluator
 from common.engines.utils import unwrap
 from common.metrics.retrieval import retrieval_table
@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 
 class RetrievalEvaluator(RobustEvaluator):
-    """Embeds each case's volume (``network.encode`` with its region mask) and report (impression and region
+    """Embeds each case's volume (``inferer(image, network, mask)``, a :class:`EncodingInferer` over
+    ``network.encode`` with the region mask) and report (impression and region
     sentences, through ``text_encoder``), for :class:`common.metrics.RetrievalMetric`.
 
     The output of a completed case holds ``image_global``, ``text_global`` ``(B, D)``, ``impressions``,
@@ -33,6 +34,8 @@ class RetrievalEvaluator(RobustEvaluator):
     Args:
         text_encoder: a :class:`common.networks.TextEncoder`, or an :class:`ImageTextModel` whose text side (and
             text cache) is used.
+        inferer: the image side, ``inferer(image, network, mask) -> {"global", "region", "region_present"}``.
+            Default :class:`EncodingInferer` (``network.encode``).
         mask_key: batch key of the region masks. Default ``"mask"``.
         report_key: batch key of the reports. Default ``"report"``.
         Others as ``monai.engines.SupervisedEvaluator``.
@@ -40,6 +43,8 @@ class RetrievalEvaluator(RobustEvaluator):
 
     def __init__(self, *args, text_encoder: nn.Module, mask_key: str = "mask", report_key: str = "report",
                  **kwargs) -> None:
+        if kwargs.get("inferer") is None:
+            kwargs["inferer"] = EncodingInferer()
         super().__init__(*args, **kwargs)
         self.text_encoder = text_encoder
         self.mask_key = mask_key
@@ -54,7 +59,7 @@ class RetrievalEvaluator(RobustEvaluator):
         engine.network.eval()
         unwrap(self.text_encoder).eval()
         with torch.no_grad(), torch.autocast("cuda", enabled=engine.amp and image.device.type == "cuda"):
-            out = unwrap(engine.network).encode(image, mask)
+            out = engine.inferer(image, engine.network, mask)  # an EncodingInferer
             r = out["region"].shape[1]
             texts = report_text_batch(reports, r)
             b, m = len(texts["impressions"]), len(texts["region_texts"])

@@ -1,7 +1,7 @@
 """Ignite/MONAI handlers."""
 
 from .case_report import CaseReportWriter
-from .checkpoint import FinalWeights, ResumableCheckpoint, latest_checkpoint
+from .checkpoint import FinalWeights, ResumableCheckpoint, checkpoint_pattern, latest_checkpoint
 from .concepts import ConceptIntervention, PrototypeKMeansInit
 from .dataset_epoch import DatasetEpochHandler
 from .detection_map import DetectionMAP

@@ -12,14 +12,20 @@ from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from common.bundle.args import as_bool, user_error
 
-__all__ = ["FinalWeights", "ResumableCheckpoint", "latest_checkpoint"]
+__all__ = ["FinalWeights", "ResumableCheckpoint", "checkpoint_pattern", "latest_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
 
-def latest_checkpoint(save_dir: str | os.PathLike, file_prefix: str = "checkpoint") -> str | None:
-    """The newest ``<file_prefix>_*.pt`` in ``save_dir``, or None."""
-    files = glob.glob(os.path.join(str(save_dir), f"{file_prefix}_*.pt"))
+def checkpoint_pattern(file_prefix: str = "") -> str:
+    """Glob of the training checkpoints MONAI's ``CheckpointSaver`` writes with ``file_prefix``:
+    ``checkpoint_epoch=N.pt``, or ``<file_prefix>_checkpoint_epoch=N.pt`` with a prefix (``stage2_...``)."""
+    return f"{file_prefix}_checkpoint_epoch=*.pt" if file_prefix else "checkpoint_epoch=*.pt"
+
+
+def latest_checkpoint(save_dir: str | os.PathLike, file_prefix: str = "") -> str | None:
+    """The newest checkpoint of ``file_prefix`` (:func:`checkpoint_pattern`) in ``save_dir``, or None."""
+    files = glob.glob(os.path.join(glob.escape(str(save_dir)), checkpoint_pattern(file_prefix)))
     return max(files, key=os.path.getmtime) if files else None
 
 
@@ -35,7 +41,8 @@ class ResumableCheckpoint:
         resume: load the latest checkpoint of ``save_dir`` before training; a missing one is an error.
         save: write checkpoints (only rank 0 should, under DDP; every rank loads).
         save_interval: epochs between saves. Default 1.
-        file_prefix: checkpoint file prefix. Default ``checkpoint``.
+        file_prefix: checkpoint file prefix; files are ``checkpoint_epoch=N.pt`` without one and
+            ``<file_prefix>_checkpoint_epoch=N.pt`` with one. Default ``""``.
         outputs: other files of ``save_dir`` the run writes (its best-model file, e.g. ``model.pt``).
         overwrite: a run that does not resume refuses to start when ``save_dir`` holds ``outputs`` or checkpoints
             it did not write (the bundle's shipped ``models/model.pt`` above all), unless this is set.
@@ -49,7 +56,7 @@ class ResumableCheckpoint:
         resume: bool = False,
         save: bool = True,
         save_interval: int = 1,
-        file_prefix: str = "checkpoint",
+        file_prefix: str = "",
         outputs: Sequence[str] = (),
         overwrite: bool = False,
     ) -> None:
@@ -69,7 +76,8 @@ class ResumableCheckpoint:
         if self.resume:
             path = latest_checkpoint(self.save_dir, self.file_prefix)
             if path is None:
-                raise FileNotFoundError(f"resume requested but {self.save_dir} holds no {self.file_prefix}_*.pt.")
+                raise FileNotFoundError(
+                    f"resume requested but {self.save_dir} holds no {checkpoint_pattern(self.file_prefix)}.")
             logger.info("resuming from %s", path)
             CheckpointLoader(load_path=path, load_dict=save_dict, map_location=engine.state.device).attach(engine)
         if not self.save:
@@ -86,7 +94,7 @@ class ResumableCheckpoint:
     def _refuse_existing(self, engine: Engine) -> None:
         folder = Path(self.save_dir)
         existing = [str(folder / o) for o in self.outputs if (folder / o).exists()]
-        existing += sorted(glob.glob(str(folder / f"{self.file_prefix}_*.pt")))
+        existing += sorted(glob.glob(os.path.join(glob.escape(str(folder)), checkpoint_pattern(self.file_prefix))))
         if existing:
             raise user_error(
                 f"{self.save_dir} already holds {', '.join(existing)}; training would replace them. Choose another "

@@ -45,7 +45,6 @@ class BundleWorkflowInferTask(InferTask):
         type: MONAI Label task type shown by ``/info/``.
         labels: label names shown by ``/info/``.
         dimension: 2 or 3.
-        query_id: config id that takes the list of input images (``queries`` or ``images``).
         result: ``(postfix, suffix)`` of the output file returned to the client, e.g. ``("seg", ".nii.gz")``.
         result_json: ``(postfix, suffix)`` of a JSON output whose content is returned as the result's params.
         request_ids: config ids a request may override through its ``params`` (e.g. IRIS's ``strategy``).
@@ -63,7 +62,6 @@ class BundleWorkflowInferTask(InferTask):
         type: str | InferType,
         labels: Sequence[str] | dict | None,
         dimension: int,
-        query_id: str = "queries",
         result: tuple[str, str] | None = None,
         result_json: tuple[str, str] | None = None,
         request_ids: Sequence[str] = (),
@@ -80,7 +78,6 @@ class BundleWorkflowInferTask(InferTask):
             config={k: "" for k in request_ids},
         )
         self.path = os.path.abspath(path)
-        self.query_id = query_id
         self.result = result
         self.result_json = result_json
         self.request_ids = tuple(request_ids)
@@ -97,7 +94,7 @@ class BundleWorkflowInferTask(InferTask):
         return os.path.join(self.path, "models", "model.pt")
 
     def _overrides(self, request: dict[str, Any], output_dir: str) -> dict[str, Any]:
-        overrides: dict[str, Any] = {self.query_id: [request["image"]], "output_dir": output_dir, "overwrite": True}
+        overrides: dict[str, Any] = {"images": [request["image"]], "output_dir": output_dir, "overwrite": True}
         device = request.get("device")
         if device:
             overrides["device"] = f"$torch.device('{device}')"

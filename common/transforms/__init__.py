@@ -5,7 +5,7 @@ from .concepts import LoadConceptMasksd
 from .detection import DetectionBoxesd, SaveDetectionsd, detections_report
 from .embeddings import EMBEDDING_OUTPUTS, SaveEmbeddingsd
 from .explanations import SaveConceptExplanationd
-from .intensity import CT_WINDOWS, NormalizeIntensityd
+from .intensity import CT_WINDOWS, ScaleIntensityWindowd
 from .io import LoadMedicalImaged
 from .labels import ProbabilitiesToLabelMapd, class_values
 from .outputs import CheckOutputsd, SaveOrthogonalPreviewd, SaveSegmentationSummaryd, output_path

@@ -1,3 +1,5 @@
+"""Intensity windowing of CT (a ``[center, width]`` window in HU) and MR (percentiles) to [0, 1]."""
+
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
@@ -7,7 +9,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, ScaleIntensityRange, ScaleIntensityRangePercentiles
 from monai.utils import look_up_option
 
-__all__ = ["NormalizeIntensityd", "CT_WINDOWS"]
+__all__ = ["ScaleIntensityWindowd", "CT_WINDOWS"]
 
 # Named CT windows as (center, width) in HU.
 CT_WINDOWS: dict[str, tuple[float, float]] = {
@@ -20,8 +22,9 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
 }
 
 
-class NormalizeIntensityd(MapTransform):
-    """Scale intensities to [0, 1] by a CT window or by MR percentiles.
+class ScaleIntensityWindowd(MapTransform):
+    """Scale intensities to [0, 1] by a CT window or by MR percentiles: MONAI's ``ScaleIntensityRange`` or
+    ``ScaleIntensityRangePercentiles``, chosen by ``mode`` so one config serves CT and MR.
 
     ``mode="ct"`` clips to ``window`` (a name from :data:`CT_WINDOWS` or ``(center, width)`` in HU);
     ``mode="mr"`` maps the ``percentiles`` of each image to [0, 1] and clips, since MR has no absolute scale.

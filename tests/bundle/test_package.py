@@ -71,10 +71,10 @@ except ModuleNotFoundError:
 name, bundle_dir = sys.argv[1:3]
 sys.path.insert(0, os.path.join(bundle_dir, name))  # where the bundle's scripts package lives
 ckpt = torch.load(os.path.join(bundle_dir, name, "models", "model.pt"), map_location="cpu", weights_only=True)
-key = "model" if isinstance(ckpt.get("model"), dict) else None  # several state dicts: the network's is "model"
+# every bundle's model.pt is the state dict of its network_def, as monai.bundle.load expects
 net = monai.bundle.load(name=name, bundle_dir=bundle_dir, workflow_type="inference", device="cpu",
-                        key_in_ckpt=key, copy_model_args={"exclude_vars": "_extra_state$"})
-expected = ckpt[key] if key else ckpt
+                        copy_model_args={"exclude_vars": "_extra_state$"})
+expected = ckpt
 state = net.state_dict()
 tensors = {k for k, v in expected.items() if isinstance(v, torch.Tensor)}
 result = {

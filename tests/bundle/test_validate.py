@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from jsonschema import Draft202012Validator
+from monai.bundle import ConfigParser
 
 from common.bundle import (
     README_SECTIONS,
@@ -24,6 +25,7 @@ from common.bundle import (
     validate_metadata,
     verify_network_io,
 )
+from common.bundle.validate import _trainer_uses_inferer
 
 _DELETE = object()
 
@@ -459,6 +461,17 @@ def test_missing_property_is_named(unet_bundle, tmp_path, config, keys, value, w
     bundle = _copy(unet_bundle, tmp_path)
     _edit_json(bundle / "configs" / config, keys, value)
     assert check_workflow_properties(bundle, workflow_type, work_dir=tmp_path / "work") == expected
+
+
+@pytest.mark.parametrize("target, expected", [
+    ("SupervisedTrainer", True),
+    ("monai.engines.SupervisedTrainer", True),
+    ("common.yolo.UltralyticsTrainer", False),  # runs ultralytics' own forward passes
+    ("$SupervisedTrainer", True),
+])
+def test_only_a_trainer_that_declares_it_goes_without_an_inferer(target, expected):
+    parser = ConfigParser({"train": {"trainer": {"_target_": target}}})
+    assert _trainer_uses_inferer(parser) is expected
 
 
 def test_unknown_workflow_type(unet_bundle):

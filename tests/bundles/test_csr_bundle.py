@@ -128,9 +128,9 @@ def test_doctor_interaction_changes_the_prediction(trained, tmp_path):
     alone = tmp_path / "alone.json"
     alone.write_text(json.dumps([str(BUNDLE / "sample" / "images" / "cxr_0014.png")]))
     runs = {
-        "free": ["--queries", str(alone)],
-        "roi": ["--queries", str(BUNDLE / "sample" / "interaction.json")],
-        "off": ["--queries", str(alone), "--concepts_off", "['opacity','consolidation','nodule','mass']"],
+        "free": ["--images", str(alone)],
+        "roi": ["--images", str(BUNDLE / "sample" / "interaction.json")],
+        "off": ["--images", str(alone), "--concepts_off", "['opacity','consolidation','nodule','mass']"],
     }
     result = {}
     for name, args in runs.items():
@@ -167,7 +167,7 @@ def test_bad_inputs_are_reported_and_others_complete(trained, tmp_path):
     ]}))
     out = tmp_path / "out"
     proc = bundle_run("inference.json", "--ckpt_path", str(trained / "model.pt"), "--output_dir", str(out), *SMALL,
-                      "--queries", str(queries), check=False)
+                      "--images", str(queries), check=False)
     assert proc.returncode == 1 and "5 case(s) failed, 1 completed" in proc.stderr
     report = json.loads((out / "run_report.json").read_text())
     assert report["completed"] == [str(good)]
@@ -186,4 +186,4 @@ def test_multi_stage_resume_keeps_stage_files(data, trained, tmp_path):
     proc = bundle_run("train.json", "--dataset_dir", str(data), "--ckpt_dir", str(ckpt), "--output_dir",
                       str(tmp_path / "eval"), "--max_epochs", "2", "--batch_size", "4", "--resume", "true", *SMALL)
     assert "resuming from" in proc.stdout + proc.stderr
-    assert (ckpt / "checkpoint_stage1_checkpoint_epoch=2.pt").exists()
+    assert (ckpt / "stage1_checkpoint_epoch=2.pt").exists()

@@ -173,8 +173,8 @@ def test_multi_gpu_train_runs_under_torchrun_on_cpu_and_trains_the_seg_head(tmp_
                     str(tmp_path / "eval"), "--max_epochs", "1", "--val_interval", "1", "--batch_size", "2",
                     "--seg_weight", "1.0")
     written = sorted(p.name for p in models.glob("*.pt"))
-    assert written == ["checkpoint_checkpoint_epoch=1.pt", "model.pt"]
-    checkpoint = torch.load(models / "checkpoint_checkpoint_epoch=1.pt", map_location="cpu", weights_only=False)
+    assert written == ["checkpoint_epoch=1.pt", "model.pt", "text.pt"]
+    checkpoint = torch.load(models / "checkpoint_epoch=1.pt", map_location="cpu", weights_only=False)
     shapes = [v.shape for v in checkpoint["model"].values()]
     moments = [s["exp_avg_sq"] for s in checkpoint["optimizer"]["state"].values()]
     for name in ("seg_head.weight", "seg_head.bias"):

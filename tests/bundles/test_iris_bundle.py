@@ -62,7 +62,7 @@ def test_train_resumes_from_checkpoint(synth, trained, tmp_path):
         "--max_epochs", "3", "--episodes_per_epoch", "3", "--val_interval", "1", "--resume", "true", *SMALL,
     )
     assert "resuming from" in proc.stdout + proc.stderr
-    assert (ckpt / "checkpoint_checkpoint_epoch=3.pt").exists()
+    assert (ckpt / "checkpoint_epoch=3.pt").exists()
 
 
 def test_train_starts_from_init_weights_under_cpu_bf16(synth, trained, tmp_path):
@@ -76,7 +76,7 @@ def test_train_starts_from_init_weights_under_cpu_bf16(synth, trained, tmp_path)
     )
     assert "Restored all variables from" in proc.stdout + proc.stderr
     start = torch.load(trained / "model.pt", map_location="cpu", weights_only=False)
-    after = torch.load(ckpt / "checkpoint_checkpoint_epoch=1.pt", map_location="cpu", weights_only=False)["model"]
+    after = torch.load(ckpt / "checkpoint_epoch=1.pt", map_location="cpu", weights_only=False)["model"]
     weights = [k for k in start if k.endswith(".weight") and not k.startswith("memory_bank")]
     assert weights and all(torch.equal(start[k], after[k]) for k in weights)
 
@@ -166,7 +166,7 @@ def test_bad_queries_are_reported_and_others_complete(trained, tmp_path):
     queries.write_text(json.dumps([str(good), *bad.values()]))
     out = tmp_path / "out"
     proc = bundle_run("inference.json", "--ckpt_path", str(trained / "model.pt"), "--output_dir", str(out),
-                      "--queries", str(queries), *SMALL, check=False)
+                      "--images", str(queries), *SMALL, check=False)
     # the good query completes; the run then exits 1, its last line naming how many failed
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
@@ -243,7 +243,7 @@ def test_dicom_series_and_nrrd_queries(trained, tmp_path):
     out = tmp_path / "out"
     # the test series is 16 x 16 x 5 voxels (about 9 mm across): a 0.5 mm working grid keeps it a volume
     bundle_run("inference.json", "--ckpt_path", str(trained / "model.pt"), "--output_dir", str(out),
-               "--queries", str(queries), *SMALL, "--pixdim", "[0.5,0.5,0.5]")
+               "--images", str(queries), *SMALL, "--pixdim", "[0.5,0.5,0.5]")
     report = json.loads((out / "run_report.json").read_text())
     assert report["failed"] == [] and len(report["completed"]) == 2
     for query, seg, shape in [(str(tmp_path / "query.nrrd"), "query_seg.nii.gz", image.shape),

@@ -110,7 +110,7 @@ def test_multi_gpu_train_runs_under_torchrun_on_cpu(tmp_path):
     models = tmp_path / "models"
     torchrun_bundle(BUNDLE, "--ckpt_dir", str(models), "--output_dir", str(tmp_path / "eval"), "--max_epochs", "2",
                     "--batch_size", "2", "--fine_tuning_stages", "[[1, 0], [2, 1]]")
-    assert sorted(p.name for p in models.glob("*.pt")) == ["checkpoint_checkpoint_epoch=2.pt", "model.pt"]
+    assert sorted(p.name for p in models.glob("*.pt")) == ["checkpoint_epoch=2.pt", "model.pt"]
     state = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
     assert state["head.1.weight"].dtype == torch.float16
     network = ReportLabeler(num_classes=len(FINDINGS))

@@ -43,7 +43,7 @@ def _infer(weights: Path, out: Path, queries: list[str], *args: str, failures: b
     """Inference on ``queries``; a run with failed cases exits 1 (after the others complete), any other 0."""
     spec = out.parent / f"{out.name}_queries.json"
     spec.write_text(json.dumps(queries))
-    proc = bundle_run("inference.json", "--ckpt_path", str(weights), "--output_dir", str(out), "--queries",
+    proc = bundle_run("inference.json", "--ckpt_path", str(weights), "--output_dir", str(out), "--images",
                       str(spec), *args, check=False)
     assert proc.returncode == (1 if failures else 0), proc.stderr[-3000:]
     return json.loads((out / "run_report.json").read_text())

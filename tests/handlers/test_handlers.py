@@ -208,8 +208,8 @@ def test_resumable_checkpoint_writes_and_resumes(tmp_path):
     trainer = _regression_trainer(net, [], max_epochs=2, lr=1e-3)
     ResumableCheckpoint(tmp_path, {"network": net}).attach(trainer)
     trainer.run()
-    files = sorted(p.name for p in tmp_path.glob("checkpoint_*.pt"))
-    assert len(files) == 1  # n_saved=1: only the latest
+    files = sorted(p.name for p in tmp_path.glob("*.pt"))
+    assert files == ["checkpoint_epoch=2.pt"]  # n_saved=1: only the latest
     assert latest_checkpoint(tmp_path) == str(tmp_path / files[0])
     saved = {k: v.clone() for k, v in net.state_dict().items()}
 
@@ -220,7 +220,7 @@ def test_resumable_checkpoint_writes_and_resumes(tmp_path):
     assert resumed.state.epoch == 3 and resumed.state.iteration == 9  # continues after epoch 2 of 3 iterations
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, saved[k]), k  # lr 0: the loaded weights are kept
-    assert sorted(p.name for p in tmp_path.glob("checkpoint_*.pt")) == files  # save=False wrote nothing
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == files  # save=False wrote nothing
 
 
 def test_resume_from_an_empty_folder_raises(tmp_path):
@@ -232,11 +232,13 @@ def test_resume_from_an_empty_folder_raises(tmp_path):
 
 def test_latest_checkpoint(tmp_path):
     assert latest_checkpoint(tmp_path) is None
-    for i, name in enumerate(["checkpoint_b.pt", "checkpoint_a.pt", "other_c.pt"]):
+    names = ["checkpoint_epoch=2.pt", "checkpoint_epoch=1.pt", "stage2_checkpoint_epoch=3.pt", "model.pt"]
+    for i, name in enumerate(names):
         (tmp_path / name).write_bytes(b"")
         os.utime(tmp_path / name, (1000 + i, 1000 + i))
-    assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint_a.pt")
-    assert latest_checkpoint(tmp_path, "other") == str(tmp_path / "other_c.pt")
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint_epoch=1.pt")  # the newest, not the name
+    assert latest_checkpoint(tmp_path, "stage2") == str(tmp_path / "stage2_checkpoint_epoch=3.pt")
+    assert latest_checkpoint(tmp_path, "stage3") is None
 
 
 def _report_engine(sources, failures, classes):

@@ -254,7 +254,7 @@ def test_train_iris_one_epoch(server):
 def test_train_csr_one_epoch(server):
     run = _train(server, "csr_cxr_classification", val_split=0.34, val_interval=1, batch_size=4,
                  image_size=[64, 64])
-    assert any(run.glob("checkpoints/checkpoint_stage1*.pt")), sorted(run.rglob("*"))
+    assert any(run.glob("checkpoints/stage1_checkpoint_epoch=*.pt")), sorted(run.rglob("*"))
 
 
 def test_train_ct_encoder_one_epoch(server):

@@ -12,7 +12,7 @@ from monai.data import MetaTensor
 from common.transforms import (
     CT_WINDOWS,
     CheckOutputsd,
-    NormalizeIntensityd,
+    ScaleIntensityWindowd,
     ProbabilitiesToLabelMapd,
     SaveSegmentationSummaryd,
     ValidateImaged,
@@ -83,7 +83,7 @@ def _meta(array, affine=None, source: str = SOURCE) -> MetaTensor:
 def test_ct_window(window, bounds):
     low, high = bounds
     hu = torch.linspace(-2000.0, 2000.0, 81).view(1, 81, 1, 1)
-    out = NormalizeIntensityd("image", mode="ct", window=window)({"image": hu})["image"]
+    out = ScaleIntensityWindowd("image", mode="ct", window=window)({"image": hu})["image"]
     expected = ((hu - low) / (high - low)).clamp(0.0, 1.0)
     torch.testing.assert_close(torch.as_tensor(out), expected, rtol=1e-5, atol=1e-6)
     assert float(out.min()) == 0.0 and float(out.max()) == 1.0
@@ -91,7 +91,7 @@ def test_ct_window(window, bounds):
 
 def test_ct_windows_are_center_width():
     assert CT_WINDOWS["soft_tissue"] == (40.0, 400.0)
-    out = NormalizeIntensityd("image", window="brain")({"image": torch.tensor([[[[0.0, 40.0, 60.0, 100.0]]]])})
+    out = ScaleIntensityWindowd("image", window="brain")({"image": torch.tensor([[[[0.0, 40.0, 60.0, 100.0]]]])})
     torch.testing.assert_close(torch.as_tensor(out["image"]).flatten(), torch.tensor([0.0, 0.5, 0.75, 1.0]))
 
 
@@ -99,7 +99,7 @@ def test_ct_windows_are_center_width():
 def test_mr_percentiles(percentiles):
     rng = np.random.default_rng(0)
     image = rng.gamma(2.0, 100.0, size=(1, 12, 10, 8)).astype(np.float32)
-    out = NormalizeIntensityd("image", mode="mr", percentiles=percentiles)({"image": torch.from_numpy(image)})
+    out = ScaleIntensityWindowd("image", mode="mr", percentiles=percentiles)({"image": torch.from_numpy(image)})
     low, high = np.percentile(image, percentiles)
     expected = np.clip((image - low) / (high - low), 0.0, 1.0)
     np.testing.assert_allclose(np.asarray(out["image"]), expected, rtol=1e-4, atol=1e-5)
@@ -107,7 +107,7 @@ def test_mr_percentiles(percentiles):
 
 def test_normalize_keeps_other_keys_and_metadata():
     image = _meta(torch.full((1, 4, 4, 4), 40.0), affine=torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0])))
-    out = NormalizeIntensityd(["image", "other"], window="soft_tissue", allow_missing_keys=True)(
+    out = ScaleIntensityWindowd(["image", "other"], window="soft_tissue", allow_missing_keys=True)(
         {"image": image, "label": "untouched"}
     )
     assert out["label"] == "untouched"
@@ -118,7 +118,7 @@ def test_normalize_keeps_other_keys_and_metadata():
 @pytest.mark.parametrize("kwargs", ILL_NORMALIZE)
 def test_normalize_ill_arguments(kwargs):
     with pytest.raises(ValueError):
-        NormalizeIntensityd("image", **kwargs)
+        ScaleIntensityWindowd("image", **kwargs)
 
 
 @pytest.mark.parametrize("kwargs, shape, message", ILL_IMAGES)
