@@ -1,3 +1,5 @@
+"""Training checkpoints: resumable full-state checkpoints (``checkpoint_epoch=N.pt``) and the final weights file."""
+
 from __future__ import annotations
 
 import glob

@@ -1,3 +1,5 @@
+"""Gradient-norm clipping as an ignite handler, between the backward pass and the optimizer step."""
+
 from __future__ import annotations
 
 import torch

@@ -1,3 +1,5 @@
+"""A wrapper that leaves out class channels marked as unused (padding) before a segmentation loss."""
+
 from __future__ import annotations
 
 import torch

@@ -1,3 +1,5 @@
+"""CSR's contrastive loss pulling local concept vectors towards their concept's prototypes."""
+
 from __future__ import annotations
 
 import torch

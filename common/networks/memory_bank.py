@@ -1,3 +1,5 @@
+"""IRIS's class memory bank: a running mean of each named class's task embedding (no I/O)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -1,3 +1,5 @@
+"""Loading CSR's per-concept ROI masks into a concept-mask tensor."""
+
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence

@@ -1,3 +1,6 @@
+"""The one image reader of the collection, ``LoadMedicalImaged``: MONAI's readers (nibabel, PIL, NumPy, ITK through
+``VolumeReader`` for MHA/NRRD/DICOM series, ``DicomReader``) behind checks that name the file and the problem."""
+
 from __future__ import annotations
 
 import gzip

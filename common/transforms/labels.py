@@ -1,3 +1,5 @@
+"""From per-class probabilities to a label map with the bundle's class values."""
+
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping

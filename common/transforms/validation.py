@@ -1,3 +1,6 @@
+"""Input checks that fail with the file and the problem named: image size and dimensions, matching grids, region masks,
+reports."""
+
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
