@@ -95,6 +95,12 @@ _COLUMN_ALIASES = {"rad_id": "rad_id", "other disease": "Other diseases"}
 
 
 # ------------------------------------------------------------------------------------------------------- reading
+def _validation_ids(image_ids: list[str], val_fraction: float, split_seed: int) -> set[str]:
+    """The images drawn for validation: one image per group, so ``round(n * val_fraction)`` of them."""
+    return {i for i, split in zip(image_ids, assign_splits(image_ids, val_fraction, seed=split_seed))
+            if split == "validation"}
+
+
 def _image_entry(image_id: str, image_dir: Path | None, image_ext: str, base: Path) -> tuple[str, Path | None]:
     """Datalist path of an image, relative to ``base``, and its file when ``image_dir`` is known."""
     if image_dir is None:
@@ -183,8 +189,7 @@ def convert_vindr_classification(
             "readers": len(marks),
         }
 
-    splits = assign_splits(list(items), val_fraction, seed=split_seed)
-    validation = {image_id for image_id, split in zip(items, splits) if split == "validation"}
+    validation = _validation_ids(list(items), val_fraction, split_seed)
     _write_json({
         "name": "vindr_cxr",
         "description": f"VinDr-CXR image labels from {path.name}, majority vote over readers; made by "
@@ -376,8 +381,7 @@ def convert_vindr_detection(
             label_file.write_text(yolo_lines(entry_boxes, size))
             items[image_id]["label"] = f"labels/{image_id}.txt"
 
-    splits = assign_splits(list(items), val_fraction, seed=split_seed)
-    validation = {image_id for image_id, split in zip(items, splits) if split == "validation"}
+    validation = _validation_ids(list(items), val_fraction, split_seed)
     _write_json({
         "name": "vindr_cxr_detection",
         "description": f"VinDr-CXR boxes from {path.name}, readers fused by weighted box fusion; made by "
