@@ -84,6 +84,9 @@ class CSRNet(nn.Module):
           become 0, removing their contribution to the logits) or on (scores 1, a perfect match). The state is the
           persistent buffer ``concept_intervention`` (``(K,)``, -1 off, 0 free, 1 on): it is saved with the
           weights and applied in training and inference alike; :meth:`clear_intervention` resets it.
+        - Concept dropout (``concept_dropout`` > 0, training only): each concept of each image is switched off at
+          random, as an intervention would, so a head trained in stage 3 does not lean on one concept where others
+          carry the same evidence, and switching a concept off at inference costs only that concept's own share.
 
     TorchScript: ``forward``, :meth:`explain`, :meth:`pool_cams`, :meth:`similarity_maps` and
     :meth:`local_concept_vectors` script (``torch.jit.script(net)``). ``roi_mode`` is fixed at scripting time; the
@@ -142,6 +145,7 @@ class CSRNet(nn.Module):
         roi_mode: str = "restrict",
         attention_temperature: float = 1.0,
         training_stage: int = 0,
+        concept_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         for name, value in [
@@ -158,6 +162,9 @@ class CSRNet(nn.Module):
             raise ValueError(f"lse_r should be positive, got {lse_r}.")
         if attention_temperature <= 0:
             raise ValueError(f"attention_temperature should be positive, got {attention_temperature}.")
+        if isinstance(concept_dropout, bool) or not 0.0 <= float(concept_dropout) < 1.0:
+            raise ValueError(f"concept_dropout should be in [0, 1), got {concept_dropout}.")
+        self.concept_dropout = float(concept_dropout)
         self.backbone, feature_channels = self._make_backbone(backbone, in_channels, backbone_channels, weights_path)
         self.in_channels = in_channels
         self.num_concepts = num_concepts
@@ -217,6 +224,8 @@ class CSRNet(nn.Module):
         projected = self.projector(features)
         maps = self.similarity_maps(projected)
         scores = self._apply_intervention(self._max_similarity(maps, roi_mask))
+        if self.training and self.concept_dropout > 0.0:
+            scores = self._drop_concepts(scores)
         return {
             "logits": self.task_head(scores),
             "similarity_scores": scores,
@@ -268,6 +277,13 @@ class CSRNet(nn.Module):
         if self.roi_mode == "restrict":
             return flat.masked_fill(roi <= 0, float("-inf")).amax(-1)
         return (flat * roi).amax(-1)
+
+    def _drop_concepts(self, scores: torch.Tensor) -> torch.Tensor:
+        """Training only: each concept of each image switched off (its ``M`` prototype scores 0, as
+        :meth:`set_concept_intervention` does) with probability ``concept_dropout``, without rescaling, so the task
+        head learns to predict from what is left when a doctor switches a concept off."""
+        keep = torch.rand(scores.shape[0], self.num_concepts, device=scores.device) >= self.concept_dropout
+        return scores * keep.repeat_interleave(self.prototypes_per_concept, dim=1).to(scores.dtype)
 
     def _apply_intervention(self, scores: torch.Tensor) -> torch.Tensor:
         """Scores of "off" concepts' prototypes -> 0, of "on" concepts' prototypes -> 1."""
