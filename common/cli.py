@@ -25,7 +25,7 @@ CONVERT_KINDS = {
     "vindr-labels": ("VinDr-CXR image_labels_*.csv",
                      ("csv", "image_dir", "image_ext", "val_fraction", "seed", "check_images"), ("csv",)),
     "ct-rate": ("CT-RATE reports CSV and the folder of its volumes",
-                ("csv", "volume_dir", "mask_dir", "val_fraction", "seed"), ("csv", "volume_dir")),
+                ("csv", "volume_dir", "mask_dir", "qa", "val_fraction", "seed"), ("csv", "volume_dir")),
     "omniabnorm": ("OmniAbnorm chain-of-thought JSON",
                    ("cot_json", "image_root", "num_regions", "region_table", "val_fraction", "seed"), ("cot_json",)),
     "openi": ("OpenI / Indiana University report archive", ("tgz", "table", "val_fraction", "test_fraction", "seed"),
@@ -221,7 +221,7 @@ class CLI:
         image_root: str | None = None, num_regions: int | None = None, region_table: str | None = None,
         tgz: str | None = None, table: str | None = None, min_score: float | None = None,
         iou_threshold: float | None = None, val_fraction: float | None = None, test_fraction: float | None = None,
-        seed: int | None = None, yolo_labels=None, check_images=None, overwrite=False,
+        seed: int | None = None, yolo_labels=None, check_images=None, qa: str | None = None, overwrite=False,
     ):
         """Convert a public dataset to a bundle's ``<out>/datalist.json`` and print a JSON summary (counts, how many
         rows or items were skipped). Refuses an existing ``datalist.json`` unless ``--overwrite true``; an option a
@@ -235,7 +235,8 @@ class CLI:
           (``convert_vindr_classification``). ``--csv`` (required), ``--image_dir``, ``--image_ext``,
           ``--val_fraction``, ``--seed``, ``--check_images``.
         - ``ct-rate``: CT-RATE reports for ``ct_report_encoder`` (``convert_ct_rate``). ``--csv`` reports CSV and
-          ``--volume_dir`` (required), ``--mask_dir``, ``--val_fraction``, ``--seed``.
+          ``--volume_dir`` (required), ``--mask_dir``, ``--qa`` (its question/answer records, CSV or JSON),
+          ``--val_fraction``, ``--seed``.
         - ``omniabnorm``: OmniAbnorm chain-of-thought for ``ct_report_encoder`` (``convert_omniabnorm_cot``).
           ``--cot_json`` (required), ``--image_root`` (default the JSON's folder), ``--num_regions``,
           ``--region_table``, ``--val_fraction``, ``--seed``.
@@ -254,7 +255,7 @@ class CLI:
                        cot_json=cot_json, image_root=image_root, num_regions=num_regions, region_table=region_table,
                        tgz=tgz, table=table, min_score=min_score, iou_threshold=iou_threshold,
                        val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, yolo_labels=yolo_labels,
-                       check_images=check_images)
+                       check_images=check_images, qa=qa)
         given = {k: v for k, v in options.items() if v is not None}  # left out: the converter's default
         foreign = [f"--{k}" for k in given if k not in takes]
         if foreign:
@@ -267,7 +268,7 @@ class CLI:
             if k in given:
                 given[k] = as_bool(given[k], f"--{k}")
         # fire reads a path that looks like a number as one
-        for k in ("csv", "image_ext", "volume_dir", "mask_dir", "cot_json", "region_table", "tgz", "table"):
+        for k in ("csv", "image_ext", "volume_dir", "mask_dir", "cot_json", "region_table", "tgz", "table", "qa"):
             if k in given:
                 given[k] = str(given[k])
         for k in ("image_dir", "image_root"):
@@ -302,8 +303,9 @@ class CLI:
                 report = convert_omniabnorm_cot(given.pop("cot_json"), datalist, **given)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"{command} failed: {e}") from e
-        print(json.dumps({"datalist": str(datalist), **{k: v for k, v in report.items() if k != "skipped"},
-                          "skipped": len(report["skipped"])}, indent=2))
+        lists = ("skipped", "skipped_qa")  # counted here; the converter's return value lists them
+        print(json.dumps({"datalist": str(datalist), **{k: v for k, v in report.items() if k not in lists},
+                          **{k: len(report[k]) for k in lists if k in report}}, indent=2))
 
     def iris_memory(
         self, ckpt: str, out: str, dataset_dir: str, episodes: int = 256, image_size: tuple | None = None,

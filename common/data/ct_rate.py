@@ -3,6 +3,8 @@
 - CT-RATE (Hamamci et al. 2024, https://arxiv.org/abs/2403.17834): a reports CSV with ``VolumeName``,
   ``Findings_EN`` and ``Impressions_EN`` columns (others are ignored) and a folder of ``.nii.gz`` volumes, flat or
   nested as published (``train/train_1/train_1_a/train_1_a_1.nii.gz``): files are found by name anywhere below it.
+  Optionally its question/answer records (``volumename``, ``question``, ``answer``; CSV or JSON), kept per case as
+  ``report["qa"]``.
 - The OmniAbnorm chain-of-thought layout: a JSON list with one item per abnormality, as the design shows it,
   ``{"case_id", "image_path", "mask_path", "region", "category", "cot_reasoning": [{"step": 1, "text": str,
   "anatomical_entities": [str, ...], "mask_region": "Bilateral hemithoraces"}, ...]}``, or the short form
@@ -145,6 +147,7 @@ def convert_ct_rate(
     val_fraction: float = 0.1,
     split_seed: int = 0,
     regions: Sequence[str] = CT_REGIONS,
+    qa: PathLike | None = None,
 ) -> dict:
     """Convert a CT-RATE reports CSV and its volumes to a report datalist (layout in the module docstring).
 
@@ -162,10 +165,15 @@ def convert_ct_rate(
         val_fraction: fraction of patients for validation. Default 0.1.
         split_seed: seed of the validation draw. Default 0.
         regions: region names, id ``i + 1`` for ``regions[i]``. Default :data:`CT_REGIONS`.
+        qa: optional CT-RATE question/answer records (its VQA release) as a CSV or a JSON list, one record per
+            question with ``volumename``, ``question`` and ``answer`` (any case). Each converted case gets its
+            records as ``report["qa"]: [{"question", "answer"}, ...]`` in file order; a record of a volume that
+            is not among the converted cases, or with an empty question or answer, is reported in ``skipped_qa``.
 
     Returns:
-        ``cases``, ``training``, ``validation``, ``rows`` (read) and ``skipped`` (list of ``{"row": CSV line,
-        "volume": name, "reason": ...}``).
+        ``cases``, ``training``, ``validation``, ``rows`` (read), ``skipped`` (list of ``{"row": CSV line,
+        "volume": name, "reason": ...}``) and, with ``qa``, ``qa`` (records attached) and ``skipped_qa`` (list of
+        ``{"record": line or index, "volume": name, "reason": ...}``).
     """
     check_split(val_fraction, split_seed)
     path, out_json = Path(reports_csv), Path(out_json)
@@ -210,9 +218,54 @@ def convert_ct_rate(
         cases.append(case)
         groups.append(_ct_rate_patient(name))
 
+    summary: dict = {}
+    if qa is not None:
+        summary["qa"], summary["skipped_qa"] = _attach_qa(Path(qa), {c["case_id"]: c for c in cases})
     description = f"CT-RATE reports from {path.name}; made by common.data.ct_rate.convert_ct_rate."
     num_train, num_val = _write(out_json, "ct_rate", description, regions, cases, groups, val_fraction, split_seed)
-    return {"cases": len(cases), "training": num_train, "validation": num_val, "rows": len(rows), "skipped": skipped}
+    return {"cases": len(cases), "training": num_train, "validation": num_val, "rows": len(rows), "skipped": skipped,
+            **summary}
+
+
+def _qa_records(path: Path) -> list[tuple[int, dict[str, str]]]:
+    """``(line or index, {"volumename", "question", "answer"})`` of a VQA CSV (line numbers) or JSON list (1-based
+    positions); keys matched case-insensitively."""
+    wanted = ("volumename", "question", "answer")
+    if path.suffix.lower() == ".json":
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: file not found.")
+        try:
+            records = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}).") from e
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise ValueError(f"{path}: should hold a JSON list of question/answer records.")
+        found = {k.lower() for r in records for k in r}
+        missing = [w for w in wanted if w not in found]
+        if records and missing:
+            raise ValueError(f"{path}: records lack {missing}; found keys {sorted(found)}.")
+        return [(i + 1, {k.lower(): str(v if v is not None else "").strip() for k, v in r.items()})
+                for i, r in enumerate(records)]
+    header, rows = read_csv(path)
+    cols = match_columns(header, wanted, path)
+    return [(line, {w: row[cols[w]] for w in wanted}) for line, row in rows]
+
+
+def _attach_qa(path: Path, cases: Mapping[str, dict]) -> tuple[int, list[dict]]:
+    """Add each record to its case's ``report["qa"]``; the count attached and the records passed over."""
+    attached, skipped = 0, []
+    for where, record in _qa_records(path):
+        name, question, answer = record.get("volumename", ""), record.get("question", ""), record.get("answer", "")
+        case = cases.get(_stem(name)) if name else None
+        reason = ("empty volumename" if not name else "volume not among the converted cases" if case is None
+                  else "empty question" if question.lower() in _EMPTY
+                  else "empty answer" if answer.lower() in _EMPTY else None)
+        if reason is not None:
+            skipped.append({"record": where, "volume": name, "reason": reason})
+            continue
+        case["report"].setdefault("qa", []).append({"question": question, "answer": answer})
+        attached += 1
+    return attached, skipped
 
 
 # ---------------------------------------------------------------------------------------------------- OmniAbnorm

@@ -105,6 +105,51 @@ def test_ct_rate_patients_share_a_split(tmp_path):
     assert len(patients[0]) == len(patients[1]) == 3 and not patients[0] & patients[1]
 
 
+@pytest.mark.parametrize("form", ["csv", "json"])
+def test_ct_rate_question_answer_records_join_their_cases(tmp_path, form):
+    """CT-RATE's VQA records, one per question with volumename / question / answer, as a CSV or a JSON list."""
+    for name in ("train_1_a_1", "train_2_a_1"):
+        _touch(tmp_path / "vol" / f"{name}.nii.gz")
+    reports = _write_csv(tmp_path / "r.csv", [["train_1_a_1.nii.gz", "", "Heart normal.", "Normal."],
+                                              ["train_2_a_1.nii.gz", "", "Liver cyst.", "Cyst."]])
+    records = [
+        {"volumename": "train_1_a_1.nii.gz", "question": "Is there a pleural effusion?", "answer": "No."},
+        {"volumename": "train_2_a_1.nii.gz", "question": "Where is the lesion?", "answer": "In the liver."},
+        {"volumename": "train_1_a_1.nii.gz", "question": "Is the heart enlarged?", "answer": "No, normal size."},
+        {"volumename": "train_7_a_1.nii.gz", "question": "Any nodule?", "answer": "Yes."},  # not converted
+        {"volumename": "train_2_a_1.nii.gz", "question": "Any fracture?", "answer": ""},  # no answer
+    ]
+    if form == "csv":
+        qa = tmp_path / "vqa.csv"
+        with open(qa, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["volumename", "question", "answer"])
+            writer.writeheader()
+            writer.writerows(records)
+        where = [5, 6]  # CSV lines
+    else:
+        qa = tmp_path / "vqa.json"
+        qa.write_text(json.dumps(records))
+        where = [4, 5]  # positions in the list
+    out = tmp_path / "datalist.json"
+    report = convert_ct_rate(reports, tmp_path / "vol", out, val_fraction=0.0, qa=qa)
+    assert report["cases"] == 2 and report["qa"] == 3
+    assert [(s["record"], s["reason"]) for s in report["skipped_qa"]] == [
+        (where[0], "volume not among the converted cases"), (where[1], "empty answer")]
+    cases = {c["case_id"]: c for c in json.loads(out.read_text())["training"]}
+    assert cases["train_1_a_1"]["report"]["qa"] == [
+        {"question": "Is there a pleural effusion?", "answer": "No."},
+        {"question": "Is the heart enlarged?", "answer": "No, normal size."}]
+    assert cases["train_2_a_1"]["report"]["qa"] == [{"question": "Where is the lesion?", "answer": "In the liver."}]
+
+
+def test_ct_rate_question_answer_records_with_other_keys_are_named(tmp_path):
+    _touch(tmp_path / "vol" / "train_1_a_1.nii.gz")
+    reports = _write_csv(tmp_path / "r.csv", [["train_1_a_1.nii.gz", "", "Heart normal.", "Normal."]])
+    (tmp_path / "vqa.json").write_text(json.dumps([{"volume": "train_1_a_1.nii.gz", "q": "?", "a": "!"}]))
+    with pytest.raises(ValueError, match=r"vqa.json: records lack \['volumename', 'question', 'answer'\]"):
+        convert_ct_rate(reports, tmp_path / "vol", tmp_path / "d.json", qa=tmp_path / "vqa.json")
+
+
 def test_ct_rate_missing_columns(tmp_path):
     path = tmp_path / "r.csv"
     path.write_text("VolumeName,Findings_EN\na.nii.gz,x\n")
