@@ -139,6 +139,33 @@ def test_multi_gpu_config_passes_a_device_list_to_ultralytics(tmp_path):
     assert trainer.device == "0,1" and trainer.max_epochs == parser.get_parsed_content("max_epochs")
 
 
+@pytest.mark.parametrize("workflow", ["train.json", "inference.json"])
+def test_design_preset_sets_the_vindr_recipe(workflow, tmp_path):
+    """vindr_design.json over train.json or inference.json: YOLOv5s at 640 with CLAHE, mosaic, MixUp, rare-class
+    repeats, capped negatives and TTA at 0.8/1.0/1.2 with flips merged by WBF, on the 14 VinDr classes; every id it
+    sets is one the workflow has."""
+    from common.data import VINDR_DETECTION_CLASSES
+
+    preset = json.loads((BUNDLE / "configs" / "vindr_design.json").read_text())
+    known = {**json.loads((BUNDLE / "configs" / "train.json").read_text()),
+             **json.loads((BUNDLE / "configs" / "inference.json").read_text())}
+    assert set(preset) <= set(known)
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / c) for c in (workflow, "vindr_design.json")])
+    parser.update({"bundle_root": str(BUNDLE), "output_dir": str(tmp_path), "ckpt_dir": str(tmp_path)})
+    assert parser.get_parsed_content("class_names") == list(VINDR_DETECTION_CLASSES)
+    inferer = parser.get_parsed_content("validate#inferer" if workflow == "train.json" else "inferer")
+    assert (inferer.image_size, inferer.sizes, inferer.flips, inferer.tta_merge) == (
+        640, [512, 640, 768], (False, True), "wbf")
+    if workflow == "train.json":
+        trainer = parser.get_parsed_content("train#trainer")
+        assert trainer.model == "yolov5s.yaml" and trainer.image_size == 640
+        assert {k: trainer.ultralytics_args[k] for k in ("mosaic", "mixup", "batch")} == {
+            "mosaic": 1.0, "mixup": 0.1, "batch": 16}
+        assert (trainer.repeat_threshold, trainer.negative_fraction) == (0.1, 0.1)
+        assert parser.get_parsed_content("clahe") is True
+
+
 def test_class_names_agree_across_configs_and_metadata():
     meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
     names = [json.loads((BUNDLE / "configs" / c).read_text())["class_names"] for c in ("inference.json", "train.json")]
