@@ -7,7 +7,7 @@ DEMO_OUT ?= demo_outputs
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench clean monailabel-env monailabel-start monailabel-test
+.PHONY: venv demo test lint bench gpu-check clean monailabel-env monailabel-start monailabel-test
 
 # torch first (a local CPU/CUDA wheel pair), then the package, so nothing pulls another torch.
 $(STAMP): setup.cfg pyproject.toml
@@ -41,6 +41,10 @@ bench: $(STAMP)
 	$(PY) -m common.cli benchmark csr --device cpu --backbone resnet18_os16 --image_size 192 --batch_size 16
 	$(PY) -m common.cli benchmark ct --device cpu --size tiny,small --repeats 3
 	$(PY) -m common.cli benchmark yolo --device cpu --model yolov5n.yaml --image_size 256 --num_images 32
+
+# every GPU figure of the docs in one table, under 8 minutes on one GPU (refuses to run without CUDA)
+gpu-check: $(STAMP)
+	$(PY) -m common.cli gpu_check --device cuda --out gpu_check/rows.json
 
 # MONAI Label 0.8.5 pins older pydicom, numpy, dicomweb-client and pynetdicom, so it gets its own environment with
 # the same torch and this collection installed into it (monailabel_app/README.md).

@@ -417,6 +417,16 @@ class CLI:
         (out_dir / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(report, indent=2))
 
+    def gpu_check(self, device: str = "cuda", quick=False, out: str | None = None, inference=True):
+        """Every GPU figure the bundle docs want, in one table (``make gpu-check``; see
+        ``common.benchmarks.gpu_check``): the bundles' inference with AMP, training steps with AMP, a CT-ViT base
+        step at 64 x 512 x 512 (batch 2, FlexAttention), IRIS full at 128^3 with 1 and 3 references, and YOLO's
+        inference path against ultralytics' at 640. ``--out rows.json`` keeps the rows; ``--quick true`` runs tiny
+        sizes (on a CPU too) to check the code path only."""
+        from common.benchmarks.gpu_check import gpu_check
+
+        gpu_check(str(device), as_bool(quick, "--quick"), out, as_bool(inference, "--inference"))
+
     def benchmark(self, network: str = "iris", **kwargs):
         """Print speed and memory of a network as JSON, e.g. ``benchmark iris --device cpu --size small``.
 
