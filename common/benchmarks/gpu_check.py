@@ -3,7 +3,8 @@
 Rows, each from the collection's own code path:
 
 - ``inference <bundle>``: the bundle's ``inference.json`` on its embedded sample (AMP where the config enables it on
-  CUDA), wall seconds of the whole run in a subprocess, as a user runs it;
+  CUDA), wall seconds of the whole run in a subprocess, as a user runs it; ``+ TensorRT`` rows add the bundle's
+  ``inference_trt.json`` (the second run, once the engine is built);
 - ``train step <bundle network>``: the benchmarks' training steps with bf16 autocast (IRIS, CSR, CT-ViT);
 - ``CT-ViT base train step``: 64 x 512 x 512 at batch 2 with FlexAttention, latency and peak memory;
 - ``IRIS full 128^3``: one forward pass with 1 and with 3 references, latency and peak memory;
@@ -36,17 +37,22 @@ __all__ = ["gpu_check"]
 BUNDLES_DIR = Path(__file__).resolve().parents[2] / "bundles"
 
 
-def _inference(bundle: Path, device: str, scratch: Path) -> dict:
-    """Wall seconds of ``inference.json`` on the bundle's sample, in a fresh process."""
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.json"),
-               "--bundle_root", str(bundle), "--output_dir", str(scratch / bundle.name),
-               "--device", f"$torch.device('{device}')"]
-    start = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ})
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        return {"row": f"inference {bundle.name}", "error": proc.stderr.strip().splitlines()[-1:]}
-    return {"row": f"inference {bundle.name}", "wall_s": round(seconds, 2)}
+def _inference(bundle: Path, device: str, scratch: Path, trt: bool = False) -> dict:
+    """Wall seconds of ``inference.json`` (with ``trt``: and ``inference_trt.json``, run twice, the second run
+    timed, once the TensorRT engine is built and cached beside the weights) on the bundle's sample, in a fresh
+    process."""
+    configs = [str(bundle / "configs" / c) for c in ("inference.json", "inference_trt.json")[: 2 if trt else 1]]
+    name = f"inference {bundle.name}" + (" + TensorRT" if trt else "")
+    for run in range(2 if trt else 1):
+        command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(configs),
+                   "--bundle_root", str(bundle), "--output_dir", str(scratch / f"{bundle.name}_{trt}_{run}"),
+                   "--device", f"$torch.device('{device}')"]
+        start = time.perf_counter()
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ})
+        seconds = time.perf_counter() - start
+        if proc.returncode != 0:
+            return {"row": name, "error": proc.stderr.strip().splitlines()[-1:]}
+    return {"row": name, "wall_s": round(seconds, 2)}
 
 
 def _row(name: str, fn: Callable[[], dict], keep: tuple[str, ...]) -> dict:
@@ -79,6 +85,8 @@ def gpu_check(device: str = "cuda", quick: bool = False, out: str | None = None,
         if inference:
             for bundle in sorted(p for p in BUNDLES_DIR.iterdir() if (p / "configs" / "inference.json").is_file()):
                 rows.append(_inference(bundle, device, Path(tmp)))
+                if (bundle / "configs" / "inference_trt.json").is_file():
+                    rows.append(_inference(bundle, device, Path(tmp), trt=True))
         steps = {"repeats": 1 if quick else 20, "device": device, "train": True, "amp": True}
         rows.append(_row("train step iris_small", lambda: benchmark_iris(
             size="small", image_size=16 if quick else 64, num_classes=3, num_references=3, **steps),
