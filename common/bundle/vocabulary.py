@@ -5,7 +5,9 @@ mean the same thing in every bundle that has them. :data:`VOCABULARY` says what 
 whose value is a literal, what a literal must look like; :data:`RETIRED` lists names that were replaced, so they
 do not come back. :func:`check_vocabulary` returns every breach over a ``bundles/`` folder: an id used by two or
 more bundles but not defined here, a literal of the wrong form, a retired name in a config or a bundle README,
-and a ``--id`` in a README's ``monai.bundle run`` command that no config of that bundle defines.
+a ``--id`` in a README's ``monai.bundle run`` command that no config of that bundle defines, a reference into a
+list by position (``@train#deterministic_transforms#3``), and metadata ``class_names`` that differ from the
+configs'.
 """
 
 from __future__ import annotations
@@ -150,6 +152,8 @@ VOCABULARY: dict[str, Term] = {
     "initialize": Term("expressions run before `run` (determinism, folders)", _steps),
     "run": Term("what the config runs", _steps),
     "finalize": Term("expressions run after `run`", _steps),
+    "trt_args": Term("inference_trt.json: arguments of MONAI's trt_compile (precision, batch range, fallback)",
+                     _component),
 }
 
 # Names that were replaced; they must not come back in a config or a bundle README.
@@ -170,16 +174,20 @@ RUNNER_ARGS = frozenset({
     "nproc_per_node",
 })
 
-CONFIG_FILE = re.compile(r"^(train.*|inference|evaluate|multi_gpu_train)\.json$")
+CONFIG_FILE = re.compile(r"^(train.*|inference.*|evaluate|multi_gpu_train)\.json$")
+# an id path into a list by position ("@train#deterministic_transforms#3", "train#handlers#0#interval"): such
+# references break silently when the list changes, so configs name what they reach (as model-zoo's do)
+LIST_POSITION = re.compile(r'(?:"|@|%)[A-Za-z_]\w*(?:#\w+)*#\d+(?![\w.])')
 
 
 def config_ids(bundle_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """``{config file name: {top-level id: raw value}}`` of a bundle's workflow configs (not metadata or data
-    files); ids with ``#`` (overrides of another file's entries) are left out."""
+    """``{config file name: {top-level id: raw value}}`` of a bundle's workflow configs and their overlays (not
+    metadata or data files); ids with ``#`` (overrides of another file's entries) are left out."""
     out = {}
     for path in sorted(Path(bundle_dir, "configs").glob("*.json")):
         if CONFIG_FILE.match(path.name):
-            out[path.name] = {k: v for k, v in json.loads(path.read_text()).items() if "#" not in k}
+            # "+id" (MONAI's merge into the base config's id) counts as the id itself
+            out[path.name] = {k.lstrip("+"): v for k, v in json.loads(path.read_text()).items() if "#" not in k}
     return out
 
 
@@ -234,6 +242,11 @@ def check_vocabulary(bundles_dir: str | os.PathLike) -> list[str]:
     for bundle in find_bundles(bundles_dir):
         configs = config_ids(bundle)
         ids = {k for values in configs.values() for k in values}
+        for path in sorted((bundle / "configs").glob("*.json")):
+            if CONFIG_FILE.match(path.name):
+                for found in sorted(set(LIST_POSITION.findall(path.read_text()))):
+                    problems.append(f"{bundle.name}/configs/{path.name}: '{found.lstrip(chr(34))}' reaches into a "
+                                    "list by position; give the item an id and refer to that.")
         for name, values in configs.items():
             for key, value in values.items():
                 where = f"{bundle.name}/configs/{name}: '{key}'"

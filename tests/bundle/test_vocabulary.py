@@ -55,6 +55,8 @@ def test_a_clean_pair_passes(tmp_path):
         ({"class_names": ["b", "a"]}, {}, "", "'class_names' ['b', 'a'] differs from metadata.json's ['a', 'b']"),
         ({}, {}, "```\npython -m monai.bundle run --config_file t.json \\\n  --image_sizes 3\n```",
          "'--image_sizes' in a run command is no config id"),
+        ({"steps": ["@train#transforms#3"]}, {}, "", "'@train#transforms#3' reaches into a list by position"),
+        ({"train#handlers#0#interval": 2}, {}, "", "'train#handlers#0' reaches into a list by position"),
     ],
 )
 def test_each_breach_is_named(tmp_path, one, two, readme, expected):
