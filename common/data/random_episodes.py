@@ -28,7 +28,7 @@ data-loader worker or two keep pace with a CPU training step and a few more with
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +39,8 @@ from scipy.interpolate import CubicSpline
 from torch.utils.data import Dataset
 
 __all__ = [
+    "STRUCTURE_WEIGHTS",
+    "TISSUE_STRUCTURE_WEIGHTS",
     "Appearance",
     "MixedEpisodeDataset",
     "RandomAnatomy",
@@ -52,11 +54,12 @@ __all__ = [
 CANVAS_MARGIN = 1.25  # canvas / view size: room for crops and deformations
 MIN_CLASS_VOXELS = 8  # a class must show this many voxels in the query and in every reference
 MAX_ATTEMPTS = 10  # fresh anatomies drawn when a draw leaves no class shown in every view
-STRUCTURE_WEIGHTS = {"blob": 3, "organs": 2, "nested": 3, "tissues": 3, "tubes": 2, "plate": 1, "nodules": 2}
+STRUCTURE_WEIGHTS = {"blob": 3, "organs": 2, "nested": 3, "tubes": 2, "plate": 1, "nodules": 2}
+# with the folded tissue ribbons (brain-like) drawn as often as nested structures
+TISSUE_STRUCTURE_WEIGHTS = {"blob": 3, "organs": 2, "nested": 3, "tissues": 3, "tubes": 2, "plate": 1, "nodules": 2}
 MAX_ROTATION_DEG = 15.0
 SCALE_RANGE = (0.88, 1.12)
 MAX_ELASTIC_STD = 0.04  # of the view size, in voxels once scaled
-GROUP_EPISODE_P = 0.4  # episodes whose classes start with the parts of one multi-part structure
 
 
 @functools.lru_cache(maxsize=128)
@@ -257,7 +260,19 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / max(float(np.linalg.norm(v)), 1e-9)
 
 
-def random_anatomy(rng: np.random.Generator, shape: Sequence[int], max_structures: int = 16) -> RandomAnatomy:
+def _check_weights(weights: Mapping[str, float]) -> dict[str, float]:
+    kinds = set(TISSUE_STRUCTURE_WEIGHTS)
+    unknown = sorted(set(weights) - kinds)
+    if unknown or any(float(w) < 0 for w in weights.values()) or not any(float(w) > 0 for w in weights.values()):
+        raise ValueError(f"structure_weights should map kinds of {sorted(kinds)} to non-negative weights, not all 0; "
+                         f"got {dict(weights)}.")
+    return {k: float(w) for k, w in weights.items()}
+
+
+def random_anatomy(
+    rng: np.random.Generator, shape: Sequence[int], max_structures: int = 16,
+    structure_weights: Mapping[str, float] | None = None,
+) -> RandomAnatomy:
     """A random label map with many structures; see the module docstring.
 
     Args:
@@ -265,6 +280,9 @@ def random_anatomy(rng: np.random.Generator, shape: Sequence[int], max_structure
         shape: ``(X, Y, Z)`` canvas voxels, each >= 16.
         max_structures: most structures overlaid on the background partition (>= 1); at least a third of it
             are drawn. Default 16.
+        structure_weights: relative frequency of each kind of structure (``blob``, ``organs``, ``nested``,
+            ``tissues``, ``tubes``, ``plate``, ``nodules``); kinds left out or at 0 are not drawn. Default
+            :data:`STRUCTURE_WEIGHTS` (no ``tissues``); :data:`TISSUE_STRUCTURE_WEIGHTS` adds them.
 
     Returns:
         :class:`RandomAnatomy` with labels 0 (background) to ``num_labels``; a label may have been covered entirely
@@ -289,7 +307,10 @@ def random_anatomy(rng: np.random.Generator, shape: Sequence[int], max_structure
         inside = body + 0.15 * _smooth_fields(rng, 1, shape, [4, 4, 4])[0] > 0
         label[~inside] = 0
     painter = _Painter(rng, label, inside)
-    kinds, weights = list(STRUCTURE_WEIGHTS), np.array(list(STRUCTURE_WEIGHTS.values()), dtype=float)
+    table = STRUCTURE_WEIGHTS if structure_weights is None else _check_weights(structure_weights)
+    # kinds at weight 0 are left out of the draw, so a table without them draws exactly as one that never had them
+    kinds = [k for k, w in table.items() if w > 0]
+    weights = np.array([float(table[k]) for k in kinds])
     count = int(rng.integers((max_structures + 2) // 3, max_structures + 1))
     for kind in rng.choice(kinds, size=count, p=weights / weights.sum()):
         getattr(painter, str(kind))(size)
@@ -427,30 +448,36 @@ def _candidates(anatomy: RandomAnatomy) -> list[tuple[int, ...]]:
 
 
 def _draw_classes(
-    rng: np.random.Generator, labels: list[np.ndarray], anatomy: RandomAnatomy, max_classes: int
+    rng: np.random.Generator, labels: list[np.ndarray], anatomy: RandomAnatomy, max_classes: int,
+    group_fraction: float = 0.0,
 ) -> list[tuple[int, ...]]:
-    """Up to ``max_classes`` classes that show at least ``MIN_CLASS_VOXELS`` voxels in every view."""
+    """Up to ``max_classes`` classes that show at least ``MIN_CLASS_VOXELS`` voxels in every view; with probability
+    ``group_fraction`` they start with the parts of one multi-part structure."""
     counts = np.stack([np.bincount(lab.ravel(), minlength=anatomy.num_labels + 1) for lab in labels])
     shown = [c for c in _candidates(anatomy) if np.all(counts[:, list(c)].sum(1) >= MIN_CLASS_VOXELS)]
     if not shown:
         return []
     k = max_classes if rng.random() < 0.6 else int(rng.integers(1, max_classes + 1))
-    chosen: list[tuple[int, ...]] = []
+    if group_fraction <= 0:  # the plain draw, random state consumed as it always was
+        weights = np.array([1.0 if len(c) == 1 else 0.5 for c in shown])
+        chosen = rng.choice(len(shown), size=min(k, len(shown)), replace=False, p=weights / weights.sum())
+        return [shown[i] for i in chosen]
+    picked: list[tuple[int, ...]] = []
     groups = [c for c in shown if len(c) > 1]
-    if groups and rng.random() < GROUP_EPISODE_P:
+    if groups and rng.random() < group_fraction:
         # the parts of one structure side by side, and sometimes the structure as a whole: classes that share a
         # region and differ only inside it, the hardest case (gray and white matter within a brain)
         group = groups[rng.integers(len(groups))]
         parts = [(v,) for v in group if (v,) in shown]
-        chosen = [parts[i] for i in rng.permutation(len(parts))[:k]]
-        if len(chosen) < k and rng.random() < 0.5:
-            chosen.append(group)
-    rest = [c for c in shown if c not in chosen]
-    if len(chosen) < k and rest:
+        picked = [parts[i] for i in rng.permutation(len(parts))[:k]]
+        if len(picked) < k and rng.random() < 0.5:
+            picked.append(group)
+    rest = [c for c in shown if c not in picked]
+    if len(picked) < k and rest:
         weights = np.array([1.0 if len(c) == 1 else 0.5 for c in rest])
-        picked = rng.choice(len(rest), size=min(k - len(chosen), len(rest)), replace=False, p=weights / weights.sum())
-        chosen += [rest[i] for i in picked]
-    return [chosen[i] for i in rng.permutation(len(chosen))]
+        more = rng.choice(len(rest), size=min(k - len(picked), len(rest)), replace=False, p=weights / weights.sum())
+        picked += [rest[i] for i in more]
+    return [picked[i] for i in rng.permutation(len(picked))]
 
 
 def random_episode(
@@ -461,6 +488,8 @@ def random_episode(
     min_references: int = 1,
     ignore_value: float = -1.0,
     max_structures: int = 16,
+    structure_weights: Mapping[str, float] | None = None,
+    group_fraction: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """One domain-randomised episode in the layout of :class:`common.data.EpisodeDataset`.
 
@@ -475,7 +504,11 @@ def random_episode(
             which IRIS leaves out of its reference average. Default 3.
         min_references: fewest references drawn, in ``[1, R]``. Default 1.
         ignore_value: fill of the query's unused class channels. Default -1.
-        max_structures: passed to :func:`random_anatomy`. Default 16.
+        max_structures, structure_weights: passed to :func:`random_anatomy`. Defaults 16 and
+            :data:`STRUCTURE_WEIGHTS`.
+        group_fraction: share of episodes whose classes start with the parts of one multi-part structure (a
+            shell and its core, a tissue ribbon and its core, an organ's parts), sometimes with the whole as a
+            further class. Default 0 (classes drawn among all shown, parts and wholes alike).
 
     Returns:
         ``image (1, *S)``, ``label (K, *S)`` (binary; unused channels ``ignore_value``), ``ref_image (R, 1, *S)``,
@@ -486,10 +519,10 @@ def random_episode(
     canvas = tuple(int(np.ceil(CANVAS_MARGIN * n)) for n in size)
     num_refs = int(rng.integers(min_references, references_per_episode + 1))
     for _ in range(MAX_ATTEMPTS):
-        anatomy = random_anatomy(rng, canvas, max_structures)
+        anatomy = random_anatomy(rng, canvas, max_structures, structure_weights)
         appearance = random_appearance(rng, anatomy.num_labels)
         views = [render_view(rng, anatomy, appearance, size) for _ in range(num_refs + 1)]
-        classes = _draw_classes(rng, [lab for _, lab in views], anatomy, classes_per_episode)
+        classes = _draw_classes(rng, [lab for _, lab in views], anatomy, classes_per_episode, group_fraction)
         if classes:
             break
     else:
@@ -538,6 +571,10 @@ class RandomEpisodeDataset(Dataset):
         seed: non-negative seed of the episode stream. Default 0.
         ignore_value: fill of unused query channels. Default -1.
         max_structures: most structures per anatomy. Default 16.
+        structure_weights: kinds of structure and how often each is drawn (:func:`random_anatomy`). Default
+            :data:`STRUCTURE_WEIGHTS`.
+        group_fraction: share of episodes that set the parts of one structure side by side
+            (:func:`random_episode`). Default 0.
 
     Example:
         >>> ds = RandomEpisodeDataset(image_size=(32, 32, 32), references_per_episode=2, episodes_per_epoch=4)
@@ -555,6 +592,8 @@ class RandomEpisodeDataset(Dataset):
         seed: int = 0,
         ignore_value: float = -1.0,
         max_structures: int = 16,
+        structure_weights: Mapping[str, float] | None = None,
+        group_fraction: float = 0.0,
     ) -> None:
         _check_counts(classes_per_episode, references_per_episode, episodes_per_epoch)
         size = tuple(int(n) for n in image_size)
@@ -566,6 +605,10 @@ class RandomEpisodeDataset(Dataset):
             raise ValueError(f"seed should be a non-negative integer, got {seed}.")
         if max_structures < 1:
             raise ValueError(f"max_structures should be >= 1, got {max_structures}.")
+        if not 0.0 <= float(group_fraction) <= 1.0:
+            raise ValueError(f"group_fraction should be in [0, 1], got {group_fraction}.")
+        self.structure_weights = None if structure_weights is None else _check_weights(structure_weights)
+        self.group_fraction = float(group_fraction)
         self.image_size = size
         self.classes_per_episode = classes_per_episode
         self.references_per_episode = references_per_episode
@@ -588,7 +631,7 @@ class RandomEpisodeDataset(Dataset):
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, int(number)]))
         return random_episode(
             rng, self.image_size, self.classes_per_episode, self.references_per_episode, self.min_references,
-            self.ignore_value, self.max_structures,
+            self.ignore_value, self.max_structures, self.structure_weights, self.group_fraction,
         )
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:

@@ -189,16 +189,29 @@ def test_tissue_ribbon_surrounds_its_core_and_reappears_inside_it():
 
 
 def test_class_draws_often_pair_the_parts_of_one_structure():
-    """About GROUP_EPISODE_P of the episodes set parts of one multi-part structure side by side (the gray/white
-    matter case); a uniform draw among ~25 candidates would rarely do so."""
+    """With group_fraction 0.4 about that share of the episodes set parts of one multi-part structure side by side
+    (the gray/white matter case; measured 0.365); the plain draw among ~25 candidates rarely does (0.06)."""
     anatomy = random_anatomy(np.random.default_rng(1), (40, 40, 40))
     labels = [anatomy.label] * 2
-    paired = 0
-    for seed in range(200):
-        classes = _draw_classes(np.random.default_rng(seed), labels, anatomy, 3)
-        singles = {c[0] for c in classes if len(c) == 1}
-        paired += any(len(singles & set(g)) >= 2 for g in anatomy.groups)
-    assert 0.25 < paired / 200 < 0.7
+    paired = {}
+    for fraction in (0.0, 0.4):
+        paired[fraction] = 0
+        for seed in range(200):
+            classes = _draw_classes(np.random.default_rng(seed), labels, anatomy, 3, group_fraction=fraction)
+            singles = {c[0] for c in classes if len(c) == 1}
+            paired[fraction] += any(len(singles & set(g)) >= 2 for g in anatomy.groups)
+    assert paired[0.0] / 200 < 0.15 and 0.25 < paired[0.4] / 200 < 0.7, paired
+
+
+def test_structure_weights_choose_the_kinds_drawn():
+    rng = np.random.default_rng(0)
+    only = random_anatomy(rng, (40, 40, 40), max_structures=3, structure_weights={"tissues": 1.0})
+    assert only.groups and all(len(g) == 2 for g in only.groups)  # every structure a ribbon and its core
+    for bad in ({"tissue": 1.0}, {"blob": -1.0}, {"blob": 0.0}):
+        with pytest.raises(ValueError, match="structure_weights should map kinds"):
+            random_anatomy(rng, (40, 40, 40), structure_weights=bad)
+    with pytest.raises(ValueError, match="group_fraction should be in"):
+        RandomEpisodeDataset(image_size=(16, 16, 16), group_fraction=1.5)
 
 
 def test_random_episode_is_a_function_of_the_generator_state():
