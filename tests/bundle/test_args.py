@@ -39,8 +39,8 @@ def test_anything_else_names_the_id(value):
 
 
 def test_parse_overrides():
-    argv = ["run", "--config_file", "a.json", "--overwrite=false", "--flag", "--queries", "x", "--n", "3"]
-    assert parse_overrides(argv) == {"config_file": "a.json", "overwrite": "false", "flag": "true", "queries": "x",
+    argv = ["run", "--config_file", "a.json", "--overwrite=false", "--flag", "--images", "x", "--n", "3"]
+    assert parse_overrides(argv) == {"config_file": "a.json", "overwrite": "false", "flag": "true", "images": "x",
                                      "n": "3"}
 
 
@@ -57,13 +57,13 @@ def test_only_monai_runner_is_checked(tmp_path):
 
 def test_known_ids_and_booleans_pass():
     check_command_line([RUNNER, "run", "--config_file", IRIS_INFERENCE, "--overwrite", "No",
-                        "--queries", "x", "--network_def#memory_momentum", "0.9", "--meta_file", "m.json"])
+                        "--images", "x", "--network_def#memory_momentum", "0.9", "--meta_file", "m.json"])
 
 
 def test_unknown_id_lists_known_ones():
-    message = r"unknown config id\(s\) '--querys' \(did you mean '--queries'\?\); known ids: .*overwrite"
+    message = r"unknown config id\(s\) '--imagez' \(did you mean '--images'\?\); known ids: .*overwrite"
     with pytest.raises(SystemExit, match=message):
-        check_command_line([RUNNER, "run", "--config_file", IRIS_INFERENCE, "--querys", "x"])
+        check_command_line([RUNNER, "run", "--config_file", IRIS_INFERENCE, "--imagez", "x"])
 
 
 def test_boolean_id_refuses_other_words():

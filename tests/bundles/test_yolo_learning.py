@@ -79,7 +79,7 @@ def test_training_beats_untrained_offline_and_finds_large_lesions(tmp_path, monk
 
     trained = tmp_path / "trained"
     bundle_run("train.json", "--dataset_dir", str(data), "--ckpt_dir", str(trained / "models"), "--output_dir",
-               str(trained), "--evaluate_split", "validation", *TRAIN, *SIZE)
+               str(trained), *TRAIN, *SIZE)
     assert (trained / "models" / "model_ultralytics.pt").is_file()
     # training saw the 36 training and 12 validation images only, and validated once, after the last epoch
     seen = {p.stem.split("_", 1)[1] for p in (trained / "dataset" / "images").rglob("*.png")}
