@@ -33,6 +33,7 @@ from .evaluation import (
     BASELINES,
     CopyReference,
     Foreground,
+    IntensityMatch,
     copy_reference_masks,
     evaluate_strategies,
     per_class_dice_table,

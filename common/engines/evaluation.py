@@ -16,7 +16,8 @@ from torch import nn
 from common.engines.evaluator import InContextEvaluator
 
 __all__ = [
-    "BASELINES", "CopyReference", "Foreground", "copy_reference_masks", "evaluate_strategies", "per_class_dice_table",
+    "BASELINES", "CopyReference", "Foreground", "IntensityMatch", "copy_reference_masks", "evaluate_strategies",
+    "per_class_dice_table",
 ]
 
 logger = logging.getLogger(__name__)
@@ -110,15 +111,76 @@ class Foreground(nn.Module):
         return logits.expand(image.shape[0], task_embeddings.shape[1], *image.shape[2:])
 
 
+class IntensityMatch(nn.Module):
+    """The "read the intensities" baseline: each class predicted where the query's intensity is more typical of the
+    class than of the rest of the foreground in the references, no model.
+
+    :meth:`encode_task` takes, per class, the histogram (``bins`` bins over [0, 1]) of the references' intensities
+    inside the class and inside the rest of their foreground (``image > threshold``), pooled over the references
+    that show the class, with the class's share of the foreground as its prior; :meth:`segment` labels a foreground
+    voxel of the query with the class when ``prior * h_class(x) > (1 - prior) * h_rest(x)`` (the Bayes decision of
+    a per-voxel intensity classifier). Structures told apart by their intensity alone (gray and white matter in a
+    T1 image) score high this way wherever they lie, so a model must beat it, with :class:`CopyReference` and
+    :class:`Foreground`, before its Dice says it used more than the intensities.
+
+    Args:
+        bins: histogram bins over [0, 1] (preprocessed intensities). Default 32.
+        threshold: foreground is ``image > threshold``. Default 0.1, as :class:`Foreground`.
+        logit: magnitude of the returned logits. Default 20.
+    """
+
+    def __init__(self, bins: int = 32, threshold: float = 0.1, logit: float = 20.0) -> None:
+        super().__init__()
+        self.bins, self.threshold, self.logit = int(bins), float(threshold), logit
+
+    def _bin(self, image: torch.Tensor) -> torch.Tensor:
+        return (image.clamp(0.0, 1.0) * self.bins).long().clamp_max(self.bins - 1)
+
+    def encode_task(self, ref_image: torch.Tensor, ref_mask: torch.Tensor) -> torch.Tensor:
+        """``(B, R, 1, *S)`` images and ``(B, R, K, *S)`` masks -> ``(B, K, 2 * bins + 1)``: the class's and the rest's
+        normalised histograms and the class's prior."""
+        if ref_mask.dim() != ref_image.dim():
+            ref_image, ref_mask = ref_image.unsqueeze(1), ref_mask.unsqueeze(1)
+        b, r, k = ref_mask.shape[:3]
+        bins = self._bin(ref_image).flatten(2)  # (B, R, N)
+        inside = (ref_image > self.threshold).flatten(2).float()  # (B, R, N)
+        masks = ref_mask.flatten(3).float() * inside[:, :, None]  # (B, R, K, N)
+        shown = (masks.amax(-1) > 0).float()[..., None]  # (B, R, K, 1): references that show the class
+        one_hot = torch.nn.functional.one_hot(bins, self.bins).float()  # (B, R, N, bins)
+        h_class = torch.einsum("brkn,brnh->brkh", masks, one_hot)
+        h_rest = torch.einsum("brkn,brnh->brkh", (inside[:, :, None] - masks).clamp_min(0.0), one_hot)
+        h_class, h_rest = (h_class * shown).sum(1), (h_rest * shown).sum(1)  # (B, K, bins)
+        n_class, n_rest = h_class.sum(-1, keepdim=True), h_rest.sum(-1, keepdim=True)
+        prior = n_class / (n_class + n_rest).clamp_min(1.0)
+        smooth = 1e-3  # an intensity never seen in one of the two still has a finite likelihood
+        h_class = (h_class / n_class.clamp_min(1.0) + smooth) / (1.0 + smooth * self.bins)
+        h_rest = (h_rest / n_rest.clamp_min(1.0) + smooth) / (1.0 + smooth * self.bins)
+        return torch.cat([h_class, h_rest, prior], dim=-1)
+
+    def segment(self, image: torch.Tensor, task_embeddings: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, *S)`` query and ``(1 or B, K, 2 * bins + 1)`` -> ``(B, K, *S)`` logits."""
+        h_class, h_rest = task_embeddings[..., : self.bins], task_embeddings[..., self.bins: 2 * self.bins]
+        prior = task_embeddings[..., -1:].clamp(1e-6, 1 - 1e-6)
+        score = torch.log(prior * h_class) - torch.log((1 - prior) * h_rest)  # (1 or B, K, bins)
+        bins = self._bin(image).flatten(1)  # (B, N)
+        score = score.expand(image.shape[0], -1, -1)
+        picked = torch.gather(score, 2, bins[:, None].expand(-1, score.shape[1], -1))  # (B, K, N)
+        inside = (image > self.threshold).flatten(1)[:, None]
+        logits = torch.where(inside & (picked > 0), self.logit, -self.logit)
+        return logits.to(image.dtype).view(image.shape[0], score.shape[1], *image.shape[2:])
+
+
 # each baseline: the prompt strategy whose references it uses, and the network it swaps in for the model
 _BASELINE_RUNS: dict[str, tuple[str, type[nn.Module]]] = {
     "copy_reference": ("ensemble", CopyReference),
     "copy_reference_one_shot": ("one_shot", CopyReference),
     "foreground": ("one_shot", Foreground),
+    "intensity_match": ("one_shot", IntensityMatch),
 }
 BASELINES: dict[str, str] = {name: strategy for name, (strategy, _) in _BASELINE_RUNS.items()}
 """No-model baselines, each with the prompt strategy whose references it uses: all of them (majority vote) or the
-one-shot reference of each class; ``foreground`` uses the references only for their classes."""
+one-shot reference of each class; ``foreground`` uses the references only for their classes, ``intensity_match``
+their intensities inside and outside each class."""
 
 
 def per_class_dice_table(results: dict[str, dict[str, float]]) -> str:

@@ -14,6 +14,7 @@ from common.data import ErrorTolerantDataset, write_nifti
 from common.engines import (
     CopyReference,
     Foreground,
+    IntensityMatch,
     InContextEvaluator,
     InContextPrompt,
     copy_reference_masks,
@@ -115,6 +116,33 @@ def test_foreground_network():
     logits = Foreground().segment(image, embeddings)
     assert logits.shape == (1, 2, 4, 1, 1)
     assert (logits[:, :, :, 0, 0] > 0).tolist() == [[[False, True, True, False]] * 2]
+
+
+def test_intensity_match_network_by_hand():
+    """Reference: class 1 at intensity 0.3, class 2 at 0.8, background 0. The query puts the same tissues elsewhere;
+    the baseline follows the intensities, not the place. At an intensity no reference shows (0.55) the two
+    histograms tie and the prior decides: class 2 fills 3/5 of the foreground, class 1 only 2/5."""
+    ref_image = torch.tensor([0.0, 0.3, 0.3, 0.8, 0.8, 0.8, 0.0, 0.0]).view(1, 1, 1, 8, 1, 1)
+    ref_mask = torch.stack([ref_image == 0.3, ref_image == 0.8], dim=2).float().squeeze(3)  # (1, 1, 2, 8, 1, 1)
+    network = IntensityMatch(bins=10)
+    embeddings = network.encode_task(ref_image, ref_mask)
+    assert embeddings.shape == (1, 2, 21)
+    assert embeddings[0, :, -1].tolist() == pytest.approx([2 / 5, 3 / 5])  # each class's share of the foreground
+    query = torch.tensor([0.8, 0.0, 0.3, 0.55, 0.3, 0.8, 0.8, 0.05]).view(1, 1, 8, 1, 1)
+    logits = network.segment(query, embeddings)
+    assert logits.shape == (1, 2, 8, 1, 1)
+    predicted = (logits[0, :, :, 0, 0] > 0).tolist()
+    assert predicted[0] == [False, False, True, False, True, False, False, False]
+    assert predicted[1] == [True, False, False, True, False, True, True, False]
+
+
+def test_intensity_match_beats_copy_where_tissues_move(tmp_path):
+    """Two tissues of distinct intensity, the query's shifted: copying the reference misses, intensities do not."""
+    evaluator = _evaluator(tmp_path, [0], 2)
+    results = evaluate_strategies(evaluator, [], tmp_path / "out", baselines=["copy_reference", "intensity_match"])
+    for name in CLASSES:
+        assert results["intensity_match"][name] > results["copy_reference"][name]
+        assert results["intensity_match"][name] > 0.9
 
 
 def test_unknown_baseline_raises(tmp_path):
