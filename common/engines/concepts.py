@@ -128,7 +128,7 @@ class ConceptStageTrainer(StepTrainer):
             return self.loss_function(out["concept_logits"], concepts)
         if self.stage == 2:
             net = csr_network(self.network)
-            vectors = net.local_concept_vectors(out["cams"], out["projected_features"])
+            vectors = net.concept_vectors(out)
             return self.loss_function(vectors, net.prototypes, concepts)
         return self.loss_function(out["logits"], targets)
 

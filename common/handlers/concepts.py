@@ -47,7 +47,7 @@ class PrototypeKMeansInit:
         vectors, present = [], []
         for batch in self.data_loader:
             out = net.explain(batch["image"].to(engine.state.device))
-            vectors.append(net.local_concept_vectors(out["cams"], out["projected_features"]).cpu())
+            vectors.append(net.concept_vectors(out).cpu())
             present.append(torch.as_tensor(batch[self.concept_key]).float().cpu())
         net.train(was_training)
         net.init_prototypes_kmeans(torch.cat(vectors), torch.cat(present), seed=self.seed)

@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from monai.utils import look_up_option
 from torch.nn.modules.loss import _Loss
 
-__all__ = ["PrototypeContrastiveLoss"]
+__all__ = ["FORMS", "PrototypeContrastiveLoss"]
+
+FORMS = ("multi_positive", "per_prototype")
 
 
 class PrototypeContrastiveLoss(_Loss):
@@ -19,7 +21,14 @@ class PrototypeContrastiveLoss(_Loss):
 
         ``loss[b, k] = -log( sum_{j in pos(k)} exp(logit_j) / sum_j exp(logit_j) )``
 
-    where ``pos(k)`` are the ``M`` prototypes of concept ``k`` (rows ``k * M .. k * M + M - 1``). Pairs whose concept
+    where ``pos(k)`` are the ``M`` prototypes of concept ``k`` (rows ``k * M .. k * M + M - 1``). ``form=
+    "per_prototype"`` is the form of the CSR design instead: one InfoNCE term per positive prototype against the
+    other concepts' prototypes only, averaged over the ``M`` positives,
+
+        ``loss[b, k] = mean_{j in pos(k)} -log( exp(logit_j) / (exp(logit_j) + sum_{i not in pos(k)} exp(logit_i)) )``
+
+    which asks every prototype of the concept to match the vector, where the multi-positive form is satisfied by
+    one of them. Pairs whose concept
     is absent are left out; with no present pair in the batch the loss is ``0 * (v.sum() + P.sum())``, a zero that
     keeps the graph so distributed and accumulating training loops still see every parameter.
 
@@ -27,6 +36,7 @@ class PrototypeContrastiveLoss(_Loss):
         temperature: ``tau > 0``. Default 0.1.
         reduction: ``"mean"`` over present pairs (default), ``"sum"``, or ``"none"`` for the ``(B, K)`` matrix with
             zeros at absent pairs.
+        form: ``"multi_positive"`` (default) or ``"per_prototype"`` (see above).
 
     Shapes:
         ``vectors`` ``(B, K, D)``, ``prototypes`` ``(K * M, D)``, ``concept_present`` ``(B, K)`` in {0, 1}
@@ -39,11 +49,12 @@ class PrototypeContrastiveLoss(_Loss):
         loss(v, torch.tensor([[1.0, 0.0]]), torch.ones(1, 1))  # 0: the only prototype is a positive
     """
 
-    def __init__(self, temperature: float = 0.1, reduction: str = "mean") -> None:
+    def __init__(self, temperature: float = 0.1, reduction: str = "mean", form: str = "multi_positive") -> None:
         super().__init__(reduction=look_up_option(reduction, ("mean", "sum", "none")))
         if not temperature > 0:
             raise ValueError(f"temperature should be positive, got {temperature}.")
         self.temperature = float(temperature)
+        self.form = look_up_option(form, FORMS)
 
     def forward(
         self, vectors: torch.Tensor, prototypes: torch.Tensor, concept_present: torch.Tensor
@@ -60,8 +71,13 @@ class PrototypeContrastiveLoss(_Loss):
         logits = logits / self.temperature
         owner = torch.arange(k * m, device=vectors.device) // m  # concept of each prototype
         positive = owner[None, :] == torch.arange(k, device=vectors.device)[:, None]  # (K, K*M)
-        log_positive = torch.logsumexp(logits.masked_fill(~positive, float("-inf")), dim=-1)
-        pair_loss = torch.logsumexp(logits, dim=-1) - log_positive  # (B, K)
+        if self.form == "multi_positive":
+            log_positive = torch.logsumexp(logits.masked_fill(~positive, float("-inf")), dim=-1)
+            pair_loss = torch.logsumexp(logits, dim=-1) - log_positive  # (B, K)
+        else:  # one term per positive prototype, against the other concepts' prototypes only
+            log_negative = torch.logsumexp(logits.masked_fill(positive, float("-inf")), dim=-1, keepdim=True)
+            per_positive = torch.logaddexp(logits, log_negative) - logits  # (B, K, K*M)
+            pair_loss = (per_positive * positive).sum(-1) / m
         present = concept_present > 0.5
         pair_loss = torch.where(present, pair_loss, torch.zeros_like(pair_loss))
         if self.reduction == "none":

@@ -19,6 +19,7 @@ from common.networks.backbones import build_backbone, load_backbone_weights
 __all__ = ["CAM_POOLS", "ROI_MODES", "CSRNet", "csr_densenet121", "csr_resnet50", "csr_tiny", "csr_vit_b16"]
 
 CAM_POOLS = ("lse", "max", "avg")
+CONCEPT_POOLINGS = ("after_projector", "before_projector")
 ROI_MODES = ("restrict", "weight")
 # trainable parts of each training stage; 0 trains everything (joint fine-tuning)
 _PARTS = ("backbone", "concept_head", "projector", "prototypes", "task_head")
@@ -146,6 +147,7 @@ class CSRNet(nn.Module):
         attention_temperature: float = 1.0,
         training_stage: int = 0,
         concept_dropout: float = 0.0,
+        concept_pooling: str = "after_projector",
     ) -> None:
         super().__init__()
         for name, value in [
@@ -165,6 +167,7 @@ class CSRNet(nn.Module):
         if isinstance(concept_dropout, bool) or not 0.0 <= float(concept_dropout) < 1.0:
             raise ValueError(f"concept_dropout should be in [0, 1), got {concept_dropout}.")
         self.concept_dropout = float(concept_dropout)
+        self.concept_pooling: str = look_up_option(concept_pooling, CONCEPT_POOLINGS)
         self.backbone, feature_channels = self._make_backbone(backbone, in_channels, backbone_channels, weights_path)
         self.in_channels = in_channels
         self.num_concepts = num_concepts
@@ -260,6 +263,20 @@ class CSRNet(nn.Module):
         """
         weights = torch.softmax(cams.flatten(2) / self.attention_temperature, dim=-1)
         return torch.einsum("bkn,bdn->bkd", weights, projected.flatten(2))
+
+    def concept_vectors(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The ``(B, K, D)`` vectors stage 2 pulls towards the prototypes, from an :meth:`explain` output:
+        ``concept_pooling="after_projector"`` pools the projected features under each concept's CAM attention
+        (:meth:`local_concept_vectors`); ``"before_projector"``, the CSR design's order, pools the backbone features
+        and projects the pooled vector (the projector is 1x1 convolutions, so it applies to one vector as to a map).
+        """
+        if self.concept_pooling == "after_projector":
+            return self.local_concept_vectors(out["cams"], out["projected_features"])
+        cams, features = out["cams"], out["features"]
+        weights = torch.softmax(cams.flatten(2) / self.attention_temperature, dim=-1)
+        pooled = torch.einsum("bkn,bfn->bkf", weights, features.flatten(2))  # (B, K, F)
+        b, k, f = pooled.shape
+        return self.projector(pooled.reshape(b * k, f, 1, 1)).reshape(b, k, -1)
 
     def _max_similarity(self, maps: torch.Tensor, roi_mask: torch.Tensor | None) -> torch.Tensor:
         """``(B, P, h, w) -> (B, P)``: max over locations, inside the ROI when given."""

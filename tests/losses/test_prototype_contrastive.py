@@ -65,6 +65,25 @@ def test_worked_example_two_prototypes_per_concept():
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_per_prototype_form_by_hand():
+    # the two-prototype example above: concept 0's pair has logits +x: 10, +y: 0 against -x: -10, -y: 0, so its
+    # terms are -log(e^10 / (e^10 + e^-10 + 1)) and -log(1 / (1 + e^-10 + 1)); concept 1's are the mirror image
+    prototypes = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    vectors = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
+    neg0 = math.exp(-10) + 1.0  # concept 0's negatives: -x and -y
+    neg1 = math.exp(10) + 1.0  # concept 1's negatives: +x and +y
+    pair0 = (-math.log(math.exp(10) / (math.exp(10) + neg0)) - math.log(1.0 / (1.0 + neg0))) / 2
+    pair1 = (-math.log(math.exp(-10) / (math.exp(-10) + neg1)) - math.log(1.0 / (1.0 + neg1))) / 2
+    loss = PrototypeContrastiveLoss(temperature=0.1, form="per_prototype", reduction="none")(
+        vectors, prototypes, torch.ones(1, 2))
+    assert loss[0].tolist() == pytest.approx([pair0, pair1], rel=1e-6)
+    # every positive must match: the multi-positive form is content with +x alone (loss ~1e-4 for concept 0)
+    multi = PrototypeContrastiveLoss(temperature=0.1, reduction="none")(vectors, prototypes, torch.ones(1, 2))
+    assert multi[0, 0] < 1e-3 < loss[0, 0]
+    with pytest.raises(ValueError, match="per_anchor"):
+        PrototypeContrastiveLoss(form="per_anchor")
+
+
 @pytest.mark.parametrize("tau", [0.05, 0.1, 1.0])
 def test_matches_pairwise_formula(tau):
     torch.manual_seed(0)

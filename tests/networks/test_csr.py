@@ -454,3 +454,23 @@ def test_concept_dropout_keeps_predictions_when_a_doctor_switches_a_redundant_co
             off[:, k * m:(k + 1) * m] = 0.0  # what set_concept_intervention(off=[k]) does to the scores
             accuracies.append(((head(off)[:, 0] > 0) == label).float().mean().item())
     assert (min(accuracies) > worst) == bool(dropout), accuracies
+
+
+def test_concept_vectors_pool_after_or_before_the_projector():
+    after, before = _net(), _net(concept_pooling="before_projector")
+    before.load_state_dict(after.state_dict())
+    image = _image()
+    with torch.no_grad():
+        out = after.explain(image)
+        torch.testing.assert_close(after.concept_vectors(out),
+                                   after.local_concept_vectors(out["cams"], out["projected_features"]))
+        pooled = before.concept_vectors(out)
+        weights = torch.softmax(out["cams"].flatten(2), dim=-1)  # attention_temperature 1
+        by_hand = torch.stack([
+            torch.stack([before.projector((weights[b, k] * out["features"][b].flatten(1)).sum(-1)[None, :, None, None])
+                         .flatten() for k in range(3)]) for b in range(2)])
+    torch.testing.assert_close(pooled, by_hand)
+    # the ReLU between the projector's two convolutions makes the orders differ
+    assert not torch.allclose(pooled, after.concept_vectors(out))
+    with pytest.raises(ValueError, match="Unsupported option 'middle'"):
+        _net(concept_pooling="middle")
