@@ -89,7 +89,8 @@ def test_evaluate_writes_per_class_dice_per_strategy(synth, trained, tmp_path):
     )
     results = json.loads((tmp_path / "dice_per_strategy.json").read_text())
     # the no-model baselines sit beside the strategies, in the same file and table
-    columns = ["one_shot", "ensemble", "memory", "tuning", "copy_reference", "copy_reference_one_shot", "foreground"]
+    columns = ["one_shot", "ensemble", "memory", "tuning", "copy_reference", "copy_reference_one_shot", "foreground",
+               "intensity_match"]
     assert list(results) == columns
     for row in results.values():
         assert 0.0 <= row["mean"] <= 1.0
