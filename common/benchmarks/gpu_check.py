@@ -17,7 +17,6 @@ figures of a quick run mean nothing. Results are printed as a Markdown table and
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -31,10 +30,9 @@ from common.benchmarks.csr import benchmark_csr
 from common.benchmarks.ct import benchmark_ct
 from common.benchmarks.iris import benchmark_iris
 from common.benchmarks.yolo import benchmark_yolo
+from common.cli import BUNDLES_DIR
 
 __all__ = ["gpu_check"]
-
-BUNDLES_DIR = Path(__file__).resolve().parents[2] / "bundles"
 
 
 def _inference(bundle: Path, device: str, scratch: Path, trt: bool = False) -> dict:
@@ -48,7 +46,7 @@ def _inference(bundle: Path, device: str, scratch: Path, trt: bool = False) -> d
                    "--bundle_root", str(bundle), "--output_dir", str(scratch / f"{bundle.name}_{trt}_{run}"),
                    "--device", f"$torch.device('{device}')"]
         start = time.perf_counter()
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ})
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
         seconds = time.perf_counter() - start
         if proc.returncode != 0:
             return {"row": name, "error": proc.stderr.strip().splitlines()[-1:]}
@@ -94,7 +92,7 @@ def gpu_check(device: str = "cuda", quick: bool = False, out: str | None = None,
         rows.append(_row("train step csr resnet18_os16", lambda: benchmark_csr(
             backbone="resnet18_os16", image_size=64 if quick else 256, batch_size=4 if quick else 32, **steps),
             ("latency_s", "images_per_s", "peak_memory_mb")))
-        rows.append(_row("train step ct_vit_small", lambda: benchmark_ct(
+        rows.append(_row(f"train step ct_vit_{'tiny' if quick else 'small'}", lambda: benchmark_ct(
             size="tiny" if quick else "small", batch_size=2 if quick else 8, **steps),
             ("latency_s", "tokens_per_s", "peak_memory_mb")))
         rows.append(_row(f"CT-ViT {'tiny' if quick else 'base'} train step {'x'.join(map(str, ct_grid))} batch 2 flex",

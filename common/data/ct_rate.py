@@ -40,7 +40,7 @@ from pathlib import Path
 
 from common.data.report_text import split_sentences
 from common.data.synthetic_ct_reports import CT_REGIONS
-from common.data.tables import assign_splits, check_split, match_columns, read_csv
+from common.data.tables import check_split, match_columns, read_csv, validation_groups
 from common.transforms.intensity import CT_WINDOWS
 
 __all__ = [
@@ -110,8 +110,7 @@ def _relative(file: Path, base: Path) -> str:
 
 def _write(out_json: Path, name: str, description: str, regions: Sequence[str], cases: list[dict], groups: list[str],
            val_fraction: float, split_seed: int) -> tuple[int, int]:
-    splits = assign_splits(groups, val_fraction, seed=split_seed, count="groups")  # a patient's volumes stay together
-    validation = {g for g, split in zip(groups, splits) if split == "validation"}
+    validation = validation_groups(groups, val_fraction, seed=split_seed, count="groups")  # a patient stays whole
     training = [c for c, g in zip(cases, groups) if g not in validation]
     held = [c for c, g in zip(cases, groups) if g in validation]
     out_json.parent.mkdir(parents=True, exist_ok=True)

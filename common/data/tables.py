@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["assign_splits", "check_split", "match_columns", "read_csv"]
+__all__ = ["assign_splits", "check_split", "match_columns", "read_csv", "validation_groups"]
 
 
 def read_csv(path: str | Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
@@ -101,3 +101,15 @@ def assign_splits(groups: Sequence[str], val_fraction: float, test_fraction: flo
         if split != "training":
             filled[split] += sizes[order[i]] if count == "items" else 1
     return [split_of[g] for g in groups]
+
+
+def validation_groups(groups: Sequence[str], val_fraction: float, seed: int = 0, count: str = "items") -> set[str]:
+    """The groups :func:`assign_splits` (no test split) draws for validation, for converters that keep one
+    training/validation split and read it group by group.
+
+    Example:
+        >>> validation_groups(["a", "a", "b", "c"], val_fraction=0.25, seed=0, count="groups")
+        {'c'}
+    """
+    return {g for g, split in zip(groups, assign_splits(groups, val_fraction, seed=seed, count=count))
+            if split == "validation"}

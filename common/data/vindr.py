@@ -30,7 +30,7 @@ import numpy as np
 import pydicom
 
 from common.data.boxes import fuse_boxes_wbf
-from common.data.tables import assign_splits, check_split, match_columns, read_csv
+from common.data.tables import check_split, match_columns, read_csv, validation_groups
 
 __all__ = [
     "VINDR_DETECTION_CLASSES",
@@ -95,12 +95,6 @@ _COLUMN_ALIASES = {"rad_id": "rad_id", "other disease": "Other diseases"}
 
 
 # ------------------------------------------------------------------------------------------------------- reading
-def _validation_ids(image_ids: list[str], val_fraction: float, split_seed: int) -> set[str]:
-    """The images drawn for validation: one image per group, so ``round(n * val_fraction)`` of them."""
-    return {i for i, split in zip(image_ids, assign_splits(image_ids, val_fraction, seed=split_seed))
-            if split == "validation"}
-
-
 def _image_entry(image_id: str, image_dir: Path | None, image_ext: str, base: Path) -> tuple[str, Path | None]:
     """Datalist path of an image, relative to ``base``, and its file when ``image_dir`` is known."""
     if image_dir is None:
@@ -189,7 +183,7 @@ def convert_vindr_classification(
             "readers": len(marks),
         }
 
-    validation = _validation_ids(list(items), val_fraction, split_seed)
+    validation = validation_groups(list(items), val_fraction, seed=split_seed)  # one image per group
     _write_json({
         "name": "vindr_cxr",
         "description": f"VinDr-CXR image labels from {path.name}, majority vote over readers; made by "
@@ -381,7 +375,7 @@ def convert_vindr_detection(
             label_file.write_text(yolo_lines(entry_boxes, size))
             items[image_id]["label"] = f"labels/{image_id}.txt"
 
-    validation = _validation_ids(list(items), val_fraction, split_seed)
+    validation = validation_groups(list(items), val_fraction, seed=split_seed)  # one image per group
     _write_json({
         "name": "vindr_cxr_detection",
         "description": f"VinDr-CXR boxes from {path.name}, readers fused by weighted box fusion; made by "

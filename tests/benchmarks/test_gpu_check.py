@@ -22,7 +22,7 @@ def test_quick_run_fills_every_row(tmp_path, capsys):
     torch.set_num_threads(1)
     rows = gpu_check("cpu", quick=True, out=str(tmp_path / "rows.json"), inference=False)
     names = [r["row"] for r in rows]
-    assert names[:3] == ["train step iris_small", "train step csr resnet18_os16", "train step ct_vit_small"]
+    assert names[:3] == ["train step iris_small", "train step csr resnet18_os16", "train step ct_vit_tiny"]
     assert any(n.startswith("IRIS small 16^3 forward, 3 reference") for n in names)
     assert names[-1] == "YOLO yolov5s at 64"
     assert [r for r in rows if "error" in r] == []
