@@ -122,6 +122,9 @@ class ImageTextModel(nn.Module):
             step_text=steps if len(steps) else None,
             step_batch=texts["step_batch"].to(device),
             step_region=texts["step_region"].to(device),
+            image_region_local=image["region_local"],
+            image_local=image["local"],
+            assignment=image["assignment"],
         )
         if self.seg_weight > 0 and region_mask is not None:
             levels["seg"] = self.seg_loss(image["seg_logits"].float(), region_mask.long())

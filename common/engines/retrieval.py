@@ -29,7 +29,10 @@ class RetrievalEvaluator(RobustEvaluator):
 
     The output of a completed case holds ``image_global``, ``text_global`` ``(B, D)``, ``impressions``,
     ``image_region``, ``region_text`` ``(B, R, D)`` and ``region_valid`` (mentioned by the report and present in
-    the mask), ``region_present`` ``(B, R)``. Failed cases are skipped and listed as in :class:`RobustEvaluator`.
+    the mask), ``region_present`` ``(B, R)``; when the inferer returns ``local`` and ``assignment`` (as
+    ``CTViT.encode`` does), also ``image_local``, ``assignment`` and the reasoning steps' ``step_text``,
+    ``step_batch`` and ``step_region``, for the metric's step-patch AUC. Failed cases are skipped and listed as in
+    :class:`RobustEvaluator`.
 
     Args:
         text_encoder: a :class:`common.networks.TextEncoder`, or an :class:`ImageTextModel` whose text side (and
@@ -63,17 +66,23 @@ class RetrievalEvaluator(RobustEvaluator):
             r = out["region"].shape[1]
             texts = report_text_batch(reports, r)
             b, m = len(texts["impressions"]), len(texts["region_texts"])
-            embedded = embed_texts(self.text_encoder, texts["impressions"] + texts["region_texts"])
+            embedded = embed_texts(self.text_encoder,
+                                   texts["impressions"] + texts["region_texts"] + texts["step_texts"])
             embedded = embedded.to(out["global"].dtype)
             region_text = out["region"].new_zeros(out["region"].shape)
             if m:
-                region_text[texts["region_batch"], texts["region_ids"] - 1] = embedded[b:]
+                region_text[texts["region_batch"], texts["region_ids"] - 1] = embedded[b: b + m]
         engine.state.output = {
             "image_global": out["global"], "text_global": embedded[:b], "impressions": texts["impressions"],
             "image_region": out["region"], "region_text": region_text,
             "region_valid": texts["region_mentioned"].to(out["region_present"].device) & out["region_present"],
             "region_present": out["region_present"],
         }
+        if "local" in out and "assignment" in out:
+            engine.state.output.update({
+                "image_local": out["local"], "assignment": out["assignment"], "step_text": embedded[b + m:],
+                "step_batch": texts["step_batch"], "step_region": texts["step_region"],
+            })
         return engine.state.output
 
 

@@ -1,4 +1,5 @@
-"""Image-text contrastive losses: CLIP's symmetric InfoNCE and a three-level volume/region/reasoning-step version."""
+"""Image-text contrastive losses: CLIP's symmetric InfoNCE and a multi-level version (volume, region, reasoning step,
+and optionally the step against the region's patches)."""
 
 from __future__ import annotations
 
@@ -135,6 +136,14 @@ class MultiLevelContrastiveLoss(_Loss):
        targets are the image side, so step->region is a plain cross-entropy over targets and region->step counts
        any of the region's steps as a match (``positives`` in :class:`SymmetricInfoNCE`).
 
+    4. ``step_patch`` (``patch_weights[0]``): as ``step``, with the image side ``image_region_local[b, r - 1]``, the
+       mean of the region's per-patch (``local``) embeddings, so the patch embeddings themselves learn the step's
+       meaning (the region head and the local head are separate projections of the tokens).
+    5. ``step_anchor`` (``patch_weights[1]``): each kept step attends over its volume's patches with
+       ``softmax_n(cos(step_text[s], image_local[b, n]) / tau)`` (``tau`` the ``step_patch`` temperature), and the loss
+       is ``-log`` of the attention that falls on the step's region, each patch counted by the fraction of its voxels
+       inside the region (``assignment[b, n, r]``): the step's attention is anchored on the mentioned region.
+
     A level whose inputs are None, or whose weight is 0, is skipped. :meth:`levels` returns each level's loss and the
     weighted ``total`` (what ``forward`` returns).
 
@@ -142,26 +151,40 @@ class MultiLevelContrastiveLoss(_Loss):
         weights: ``(global, region, step)`` non-negative weights. Default ``(1.0, 1.0, 1.0)``.
         temperature: initial temperature of each level. Default 0.07.
         learnable: learn the temperatures. Default True.
+        patch_weights: ``(step_patch, step_anchor)`` non-negative weights of the patch levels. Default ``(0.0, 0.0)``
+            (off); their temperature (``step_patch_loss``) exists only when one of them is on, so the state dict of
+            a loss without them is unchanged.
 
     Shapes:
-        ``image_global``, ``text_global`` ``(B, D)``; ``global_valid`` ``(B,)``; ``image_regions``, ``region_text``
-        ``(B, R, D)``; ``region_mentioned``, ``region_present`` ``(B, R)`` bool; ``step_text`` ``(S, D)``;
-        ``step_batch``, ``step_region`` ``(S,)`` integers -> scalar.
+        ``image_global``, ``text_global`` ``(B, D)``; ``global_valid`` ``(B,)``; ``image_regions``, ``region_text``,
+        ``image_region_local`` ``(B, R, D)``; ``region_mentioned``, ``region_present`` ``(B, R)`` bool; ``step_text``
+        ``(S, D)``; ``step_batch``, ``step_region`` ``(S,)`` integers; ``image_local`` ``(B, N, D)``; ``assignment``
+        ``(B, N, R + 1)`` (column 0 = no region) -> scalar.
     """
 
-    LEVELS = ("global", "region", "step")
+    LEVELS = ("global", "region", "step", "step_patch", "step_anchor")
 
     def __init__(
-        self, weights: Sequence[float] = (1.0, 1.0, 1.0), temperature: float = 0.07, learnable: bool = True
+        self,
+        weights: Sequence[float] = (1.0, 1.0, 1.0),
+        temperature: float = 0.07,
+        learnable: bool = True,
+        patch_weights: Sequence[float] = (0.0, 0.0),
     ) -> None:
         super().__init__()
         weights = tuple(float(w) for w in weights)
         if len(weights) != 3 or any(not w >= 0 for w in weights):
             raise ValueError(f"weights should be 3 non-negative numbers (global, region, step), got {weights}.")
-        self.weights = dict(zip(self.LEVELS, weights))
+        patch_weights = tuple(float(w) for w in patch_weights)
+        if len(patch_weights) != 2 or any(not w >= 0 for w in patch_weights):
+            raise ValueError(
+                f"patch_weights should be 2 non-negative numbers (step_patch, step_anchor), got {patch_weights}."
+            )
+        self.weights = dict(zip(self.LEVELS, weights + patch_weights))
         self.global_loss = SymmetricInfoNCE(temperature, learnable)
         self.region_loss = SymmetricInfoNCE(temperature, learnable)
         self.step_loss = SymmetricInfoNCE(temperature, learnable)
+        self.step_patch_loss = SymmetricInfoNCE(temperature, learnable) if any(patch_weights) else None
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         return self.levels(*args, **kwargs)["total"]
@@ -178,6 +201,9 @@ class MultiLevelContrastiveLoss(_Loss):
         step_batch: torch.Tensor | None = None,
         step_region: torch.Tensor | None = None,
         global_valid: torch.Tensor | None = None,
+        image_region_local: torch.Tensor | None = None,
+        image_local: torch.Tensor | None = None,
+        assignment: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Each computed level's loss and ``total`` = the weighted sum."""
         out = {}
@@ -187,6 +213,12 @@ class MultiLevelContrastiveLoss(_Loss):
             out["region"] = self._region_level(image_regions, region_text, region_mentioned, region_present)
         if self.weights["step"] > 0 and step_text is not None:
             out["step"] = self._step_level(image_regions, step_text, step_batch, step_region, region_present)
+        if self.weights["step_patch"] > 0 and step_text is not None and image_region_local is not None:
+            out["step_patch"] = self._step_level(
+                image_region_local, step_text, step_batch, step_region, region_present, self.step_patch_loss
+            )
+        if self.weights["step_anchor"] > 0 and step_text is not None and image_local is not None:
+            out["step_anchor"] = self._anchor_level(image_local, assignment, step_text, step_batch, step_region)
         total = sum(self.weights[k] * v for k, v in out.items())
         out["total"] = total if out else _zero(image_global, text_global)
         return out
@@ -216,9 +248,8 @@ class MultiLevelContrastiveLoss(_Loss):
             return _zero(image_regions, region_text, self.region_loss.log_temperature)
         return self.region_loss(image_regions[valid], region_text[valid])
 
-    def _step_level(self, image_regions, step_text, step_batch, step_region, region_present) -> torch.Tensor:
-        self._check_regions(image_regions, region_present)
-        b, r = image_regions.shape[:2]
+    @staticmethod
+    def _check_steps(step_text, step_batch, step_region, b: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         s = step_text.shape[0]
         if step_text.dim() != 2 or step_batch is None or step_region is None \
                 or step_batch.shape != (s,) or step_region.shape != (s,):
@@ -229,12 +260,41 @@ class MultiLevelContrastiveLoss(_Loss):
         if bool(((step_batch < 0) | (step_batch >= b) | (step_region < 0) | (step_region > r)).any()):
             raise ValueError(f"step_batch should be in [0, {b}) and step_region in [0, {r}], got "
                              f"{step_batch.tolist()} and {step_region.tolist()}.")
+        return step_batch, step_region
+
+    def _step_level(
+        self, image_regions, step_text, step_batch, step_region, region_present, loss: SymmetricInfoNCE | None = None
+    ) -> torch.Tensor:
+        loss = self.step_loss if loss is None else loss
+        self._check_regions(image_regions, region_present)
+        b, r = image_regions.shape[:2]
+        step_batch, step_region = self._check_steps(step_text, step_batch, step_region, b, r)
         keep = step_region > 0
         if region_present is not None:
             keep &= region_present.bool()[step_batch, (step_region - 1).clamp_min(0)]
         if not bool(keep.any()):
-            return _zero(image_regions, step_text, self.step_loss.log_temperature)
+            return _zero(image_regions, step_text, loss.log_temperature)
         key = step_batch[keep] * r + step_region[keep] - 1  # flat (b, r) index of each kept step's target
         targets, owner = torch.unique(key, return_inverse=True)
         positives = owner[None, :] == torch.arange(len(targets), device=key.device)[:, None]  # (K, S_kept)
-        return self.step_loss(image_regions.flatten(0, 1)[targets], step_text[keep], positives=positives)
+        return loss(image_regions.flatten(0, 1)[targets], step_text[keep], positives=positives)
+
+    def _anchor_level(self, image_local, assignment, step_text, step_batch, step_region) -> torch.Tensor:
+        if image_local is None or image_local.dim() != 3 or assignment is None or assignment.dim() != 3 \
+                or assignment.shape[:2] != image_local.shape[:2]:
+            raise ValueError(f"image_local and assignment should have shapes (B, N, D) and (B, N, R + 1), got "
+                             f"{None if image_local is None else list(image_local.shape)} and "
+                             f"{None if assignment is None else list(assignment.shape)}.")
+        b, r = image_local.shape[0], assignment.shape[2] - 1
+        step_batch, step_region = self._check_steps(step_text, step_batch, step_region, b, r)
+        inside = assignment.float()[step_batch, :, step_region]  # (S, N): fraction of each patch in the region
+        keep = (step_region > 0) & (inside.sum(1) > 0)
+        tau = self.step_patch_loss.temperature
+        if not bool(keep.any()):
+            return _zero(image_local, step_text, tau)
+        text = F.normalize(step_text[keep].float(), dim=-1)
+        local = F.normalize(image_local.float(), dim=-1)[step_batch[keep]]  # (S_kept, N, D)
+        attention = torch.softmax(torch.einsum("sd,snd->sn", text, local) / tau, dim=-1)
+        on_region = (attention * inside[keep]).sum(1)
+        # the floor only guards log(0) at initialisation; any trained attention puts far more on the region
+        return -torch.log(on_region.clamp_min(1e-6)).mean()

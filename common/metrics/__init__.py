@@ -8,4 +8,5 @@ from .retrieval import (
     region_alignment_accuracy,
     retrieval_metrics,
     retrieval_table,
+    step_patch_auc,
 )

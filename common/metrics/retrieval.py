@@ -1,4 +1,5 @@
-"""Cross-modal retrieval metrics: Recall@K both ways between volumes and reports, and region-text alignment."""
+"""Cross-modal retrieval metrics: Recall@K both ways between volumes and reports, region-text alignment, and how
+well a reasoning step's text picks out its region's patches."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ __all__ = [
     "region_alignment_accuracy",
     "retrieval_metrics",
     "retrieval_table",
+    "step_patch_auc",
 ]
 
 
@@ -115,6 +117,60 @@ def region_alignment_accuracy(
     return float(correct.float().mean()), float(chance), int(len(b_idx))
 
 
+def _auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+    """Area under the ROC curve of ``scores`` for the ``positive`` items against the rest (ties count half)."""
+    pos, neg = scores[positive], scores[~positive]
+    greater = (pos[:, None] > neg[None, :]).float().sum() + 0.5 * (pos[:, None] == neg[None, :]).float().sum()
+    return float(greater / (len(pos) * len(neg)))
+
+
+def step_patch_auc(
+    image_local: torch.Tensor,
+    assignment: torch.Tensor,
+    step_text: torch.Tensor,
+    step_batch: torch.Tensor,
+    step_region: torch.Tensor,
+    inside: float = 0.5,
+) -> list[float]:
+    """Per reasoning step, whether its text is closer to the patches of its region than to patches outside it.
+
+    For step ``s`` of case ``b`` about region ``r``, the patches of ``b`` are scored by the cosine similarity of
+    their ``local`` embedding to the step's text; the step's value is the ROC AUC of those scores for the patches
+    inside the region (at least ``inside`` of their voxels in it) against the patches with none of their voxels in it
+    (0.5 = chance, 1 = every inside patch above every outside one). Partly covered patches are left out of both sides.
+    Steps without a region, or whose region has no inside or no outside patch in the volume, are left out.
+
+    Args:
+        image_local: ``(B, N, D)`` per-patch embeddings.
+        assignment: ``(B, N, R + 1)`` patch-to-region fractions (column 0 = no region).
+        step_text: ``(S, D)`` step text embeddings.
+        step_batch: ``(S,)`` case of each step.
+        step_region: ``(S,)`` region id of each step (0 = none).
+        inside: minimum fraction of a patch's voxels in the region for it to count as inside. Default 0.5.
+
+    Returns:
+        one AUC per scored step.
+    """
+    if image_local.dim() != 3 or assignment.shape[:2] != image_local.shape[:2] or step_text.dim() != 2 \
+            or step_batch.shape != step_region.shape or step_batch.shape != step_text.shape[:1]:
+        raise ValueError(f"image_local (B, N, D), assignment (B, N, R + 1), step_text (S, D), step_batch and "
+                         f"step_region (S,) expected, got {list(image_local.shape)}, {list(assignment.shape)}, "
+                         f"{list(step_text.shape)}, {list(step_batch.shape)}, {list(step_region.shape)}.")
+    local = F.normalize(image_local.float(), dim=-1)
+    text = F.normalize(step_text.float(), dim=-1)
+    aucs = []
+    for s, (b, r) in enumerate(zip(step_batch.tolist(), step_region.tolist())):
+        if r <= 0:
+            continue
+        fraction = assignment[b, :, r].float()
+        scored = (fraction >= inside) | (fraction == 0)
+        positive = fraction[scored] >= inside
+        if positive.all() or not positive.any():
+            continue
+        aucs.append(_auc((local[b] @ text[s])[scored], positive))
+    return aucs
+
+
 def retrieval_metrics(
     image: torch.Tensor,
     text: torch.Tensor,
@@ -150,6 +206,9 @@ def retrieval_table(metrics: dict[str, float]) -> str:
         lines += ["", "| region-text alignment accuracy | chance | pairs |", "|---|---|---|",
                   f"| {metrics['region_alignment_accuracy']:.3f} | {metrics['chance_region_alignment']:.3f} | "
                   f"{metrics['region_pairs']} |"]
+    if "step_patch_auc" in metrics:
+        lines += ["", "| step-patch AUC (step text vs patches in / out of its region) | chance | steps |",
+                  "|---|---|---|", f"| {metrics['step_patch_auc']:.3f} | 0.500 | {metrics['step_patch_steps']} |"]
     return "\n".join(lines) + f"\n\n{metrics.get('cases', '?')} cases.\n"
 
 
@@ -157,14 +216,18 @@ class RetrievalMetric(Metric):
     """Ignite metric accumulating per-case embeddings and reporting :func:`retrieval_metrics` over the whole run.
 
     ``output_transform`` must return ``(image_global (B, D), text_global (B, D), impressions (B strings),
-    image_region (B, R, D), region_text (B, R, D), region_valid (B, R), region_present (B, R))``; the default reads
-    those keys of the engine output. With ``name`` set, ``compute`` returns that one number (e.g.
-    ``"text_to_image_R@5"``, usable as a key metric); with ``name=None`` it returns the dict of all of them, which
-    ignite also spreads into ``engine.state.metrics``.
+    image_region (B, R, D), region_text (B, R, D), region_valid (B, R), region_present (B, R))``, optionally followed
+    by ``(image_local (B, N, D), assignment (B, N, R + 1), step_text (S, D), step_batch (S,), step_region (S,))``,
+    which add ``step_patch_auc`` (:func:`step_patch_auc` averaged over every scored step) and ``step_patch_steps``;
+    the default reads those keys of the engine output (the step keys when present). With ``name`` set, ``compute``
+    returns that one number (e.g. ``"text_to_image_R@5"``, usable as a key metric); with ``name=None`` it returns the
+    dict of all of them, which ignite also spreads into ``engine.state.metrics``.
     """
 
     KEYS = ("image_global", "text_global", "impressions", "image_region", "region_text", "region_valid",
             "region_present")
+    # optional: when the output holds them, each case's steps are scored by :func:`step_patch_auc` as they come
+    STEP_KEYS = ("image_local", "assignment", "step_text", "step_batch", "step_region")
 
     def __init__(self, name: str | None = "text_to_image_R@5", ks: Sequence[int] = (1, 5, 10),
                  output_transform: Callable | None = None) -> None:
@@ -174,12 +237,16 @@ class RetrievalMetric(Metric):
 
     @classmethod
     def _from_output(cls, output) -> tuple:
-        return tuple(output[k] for k in cls.KEYS)
+        return tuple(output[k] for k in cls.KEYS) + tuple(output.get(k) for k in cls.STEP_KEYS)
 
     def reset(self) -> None:
         self._parts: dict[str, list] = {k: [] for k in self.KEYS}
+        self._step_aucs: list[float] | None = None
 
     def update(self, output) -> None:
+        steps = output[len(self.KEYS):]
+        if len(steps) == len(self.STEP_KEYS) and all(v is not None for v in steps):
+            self._step_aucs = (self._step_aucs or []) + step_patch_auc(*(v.detach().cpu() for v in steps))
         for key, value in zip(self.KEYS, output):
             if key == "impressions":
                 self._parts[key].extend(value)
@@ -193,6 +260,9 @@ class RetrievalMetric(Metric):
         result = retrieval_metrics(cat["image_global"], cat["text_global"], self._parts["impressions"],
                                    cat["image_region"], cat["region_text"], cat["region_valid"],
                                    cat["region_present"], self.ks)
+        if self._step_aucs is not None:
+            result["step_patch_auc"] = sum(self._step_aucs) / len(self._step_aucs) if self._step_aucs else math.nan
+            result["step_patch_steps"] = len(self._step_aucs)
         if self.name is None:
             return result
         if self.name not in result:

@@ -3,7 +3,8 @@
 The image tower of a volume-report alignment model (CLIP-style training, Radford et al. 2021,
 https://arxiv.org/abs/2103.00020; 3D CT with reports as in CT-CLIP, Hamamci et al. 2024,
 https://arxiv.org/abs/2403.17834). The z-distance bias is an ALiBi-style linear penalty (Press et al. 2022,
-https://arxiv.org/abs/2108.12409) along the slice axis only.
+https://arxiv.org/abs/2108.12409) along the slice axis only, or optionally a learned per-head table over distance bins
+(as T5's relative position buckets, Raffel et al. 2020, https://arxiv.org/abs/1910.10683).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ except ImportError:  # pragma: no cover - the pinned torch has it
 
 __all__ = [
     "ATTENTION_IMPLS",
+    "MULTISCALE_FUSIONS",
+    "SLICE_BIASES",
     "CTViT",
     "ct_vit_base",
     "ct_vit_small",
@@ -37,6 +40,8 @@ __all__ = [
 ]
 
 ATTENTION_IMPLS = ("auto", "flex", "sdpa", "reference")
+MULTISCALE_FUSIONS = ("concat", "fpn")
+SLICE_BIASES = ("slope", "table")
 # log-assignment floor: exp(-1e4) underflows to exactly 0 in fp32 and bf16, so a region holding none of a patch's
 # voxels gets zero weight, without -inf arithmetic in any attention kernel
 _LOG_ZERO = -1.0e4
@@ -147,6 +152,36 @@ def _sdpa_z_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes:
     return F.scaled_dot_product_attention(q, k, v, scale=d**-0.5)[..., :dv]
 
 
+def _sdpa_slab_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slab_bias: torch.Tensor) -> torch.Tensor:
+    """Attention with any per-head bias between slabs, ``slab_bias[h, z_i, z_j]`` ``(H, gd, gd)``, through
+    ``F.scaled_dot_product_attention`` with no bias tensor.
+
+    The bias is a dot product of ``gd`` extra features: the query's row of the table, ``slab_bias[h, z_i, :] *
+    sqrt(d)``, against the key's one-hot slab ``[z_j = t]``. As in :func:`_sdpa_z_attention`, the fused kernels then
+    run and the table gets its gradient through the queries; memory ``O(B H N (d + gd))``.
+    """
+    b, h, n, d = q.shape
+    dv, gd = v.shape[-1], slab_bias.shape[-1]
+    z = torch.arange(gd, device=q.device).repeat_interleave(n // gd)
+    q_extra = slab_bias.float()[:, z, :] * math.sqrt(d)  # (H, N, gd)
+    width = d + gd
+    pad = -width % 8
+    q = torch.cat([q, q_extra.to(q.dtype).expand(b, h, n, gd), q.new_zeros(b, h, n, pad)], dim=-1)
+    k = torch.cat([k, F.one_hot(z, gd).to(k.dtype).expand(b, h, n, gd), k.new_zeros(b, h, n, pad)], dim=-1)
+    v = F.pad(v, (0, max(width + pad - dv, 0)))
+    return F.scaled_dot_product_attention(q, k, v, scale=d**-0.5)[..., :dv]
+
+
+def _flex_table_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, plane: int):
+    """FlexAttention adding ``table[h, min(|z_i - z_j|, bins - 1)]`` per score inside the kernel."""
+    last = table.shape[1] - 1
+
+    def score_mod(score, batch, head, q_idx, kv_idx):
+        return score + table[head, torch.clamp(torch.abs(q_idx // plane - kv_idx // plane), max=last)]
+
+    return _flex_kernel(q.device.type)(q, k, v, score_mod=score_mod)
+
+
 def _flex_z_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, plane: int):
     """FlexAttention with the slice-distance bias computed per score inside the kernel: ``O(B H N d)`` memory."""
 
@@ -157,27 +192,47 @@ def _flex_z_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes:
 
 
 class _SliceAwareSelfAttention(nn.Module):
-    """Multi-head self-attention with ``bias_h(i, j) = -softplus(w_h) * |z_i - z_j|`` over patch slabs ``z``.
+    """Multi-head self-attention with a per-head bias on the distance ``|z_i - z_j|`` between patch slabs ``z``.
 
-    softplus keeps every slope positive, so the bias decreases monotonically with z-distance; the slopes start at
-    ALiBi's geometric ``2^(-8 (h + 1) / H)``, from almost local to almost global heads.
+    ``slice_bias="slope"``: ``bias_h = -softplus(w_h) * |z_i - z_j|``; softplus keeps every slope positive, so the
+    bias decreases monotonically with z-distance; the slopes start at ALiBi's geometric ``2^(-8 (h + 1) / H)``, from
+    almost local to almost global heads. ``"table"``: a learned value per head and distance bin, ``bias_h =
+    T[h, min(|z_i - z_j|, bins - 1)]`` (distances from ``bins - 1`` on share the last bin), free to be non-monotonic;
+    it starts as the slope form (``T[h, k] = -slope_h * k``).
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, qkv_bias: bool = True, slice_bias: str = "slope", slice_bias_bins: int = 8
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.slice_bias: str = look_up_option(slice_bias, SLICE_BIASES)
         slopes = 2.0 ** (-8.0 * torch.arange(1, num_heads + 1, dtype=torch.float32) / num_heads)
-        self.z_decay = nn.Parameter(torch.log(torch.expm1(slopes)))  # softplus^-1
+        if self.slice_bias == "slope":
+            self.z_decay = nn.Parameter(torch.log(torch.expm1(slopes)))  # softplus^-1
+        else:
+            self.z_table = nn.Parameter(-slopes[:, None] * torch.arange(slice_bias_bins, dtype=torch.float32))
 
     def slopes(self) -> torch.Tensor:
-        """Positive per-head slopes ``(H,)`` in float32."""
+        """Positive per-head slopes ``(H,)`` in float32 (``slice_bias="slope"``)."""
         return F.softplus(self.z_decay.float())
+
+    def slab_bias(self, gd: int) -> torch.Tensor:
+        """The bias between slabs ``(H, gd, gd)`` in float32, either form."""
+        z = torch.arange(gd, device=self.qkv.weight.device)
+        distance = (z[:, None] - z[None, :]).abs()
+        if self.slice_bias == "slope":
+            return -self.slopes()[:, None, None] * distance.float()
+        return self.z_table.float()[:, distance.clamp(max=self.z_table.shape[1] - 1)]
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int, int], impl: str) -> torch.Tensor:
         b, n, c = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        if self.slice_bias == "table":
+            out = self._table_attention(q, k, v, grid, impl)
+            return self.proj(out.transpose(1, 2).reshape(b, n, c))
         slopes = self.slopes()
         if impl == "flex":
             out = _flex_z_attention(q, k, v, slopes, grid[1] * grid[2])
@@ -186,6 +241,15 @@ class _SliceAwareSelfAttention(nn.Module):
         else:
             out = _reference_attention(q, k, v, z_distance_bias(slopes, grid).to(q.dtype))[0]
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+    def _table_attention(self, q, k, v, grid: tuple[int, int, int], impl: str) -> torch.Tensor:
+        if impl == "flex":
+            return _flex_table_attention(q, k, v, self.z_table.float(), grid[1] * grid[2])
+        bias = self.slab_bias(grid[0])
+        if impl == "sdpa":
+            return _sdpa_slab_attention(q, k, v, bias)
+        z = torch.arange(grid[0], device=q.device).repeat_interleave(grid[1] * grid[2])
+        return _reference_attention(q, k, v, bias[:, z][:, :, z].to(q.dtype))[0]
 
 
 class _RegionCrossAttention(nn.Module):
@@ -230,10 +294,11 @@ class _RegionCrossAttention(nn.Module):
 class _CTViTBlock(nn.Module):
     """Pre-norm block: slice-aware self-attention, region cross-attention, MLP, each residual."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool = True) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool = True, slice_bias: str = "slope",
+                 slice_bias_bins: int = 8) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.self_attn = _SliceAwareSelfAttention(dim, num_heads, qkv_bias)
+        self.self_attn = _SliceAwareSelfAttention(dim, num_heads, qkv_bias, slice_bias, slice_bias_bins)
         self.norm2 = nn.LayerNorm(dim)
         self.norm_regions = nn.LayerNorm(dim)
         self.cross_attn = _RegionCrossAttention(dim, num_heads, qkv_bias)
@@ -317,10 +382,17 @@ class CTViT(nn.Module):
            masked-patch embedding + mean position). Token 0 is a learned "no region" token. Without a mask every
            patch is background.
         3. ``num_layers`` pre-norm blocks: slice-aware self-attention with ``bias_h(i, j) = -softplus(w_h) |z_i -
-           z_j|`` (``z`` = slab index of a patch, in patch units along D), region cross-attention with bias
+           z_j|`` (``z`` = slab index of a patch, in patch units along D; or a learned table over distance bins,
+           ``slice_bias="table"``), region cross-attention with bias
            ``log A`` (regions a patch does not touch get exactly zero weight), MLP.
-        4. Multi-scale aggregation: the outputs of ``multiscale_layers`` (default after blocks ``L/3, 2L/3, L``,
-           rounded) are layer-normed, concatenated and fused by a linear layer, then a final LayerNorm: ``tokens``.
+        4. Multi-scale aggregation of the outputs of ``multiscale_layers`` (default after blocks ``L/3, 2L/3, L``,
+           rounded), each layer-normed, then a final LayerNorm: ``tokens``. ``multiscale_fusion="concat"``
+           (default): concatenated per token and fused by a linear layer, all at the token grid.
+           ``"fpn"``: a feature pyramid (Lin et al. 2017, https://arxiv.org/abs/1612.03144) over the token grid,
+           the ``k``-th chosen layer (shallowest first) average-pooled to ``1 / 2^k`` of the grid (each axis
+           halved, rounding up), then top-down from the deepest: ``P_k = smooth_k(lateral_k(F_k) +
+           up(P_{k+1}))`` with linear laterals, nearest upsampling and ``3 x 3 x 3`` smoothing convolutions;
+           ``tokens`` come from ``P_0`` at the full grid.
         5. Pooling and heads (bias-free linear projections to ``out_dim``): ``global`` from the mean over patches,
            ``local`` per patch, ``region`` from the assignment-weighted mean of tokens over each region's patches
            (zeros for regions absent from the volume, flagged by ``region_present``).
@@ -349,9 +421,10 @@ class CTViT(nn.Module):
           are accepted), or None.
         - ``forward``: ``(B, out_dim)`` global embedding.
         - :meth:`encode`: ``global`` ``(B, out_dim)``, ``local`` ``(B, N, out_dim)``, ``region`` ``(B, R, out_dim)``
-          (row ``r - 1`` = region id ``r``), ``region_present`` ``(B, R)`` bool, ``tokens`` ``(B, N, hidden_size)``,
-          ``assignment`` ``(B, N, R + 1)`` float32, with ``N = (D / pd) (H / ph) (W / pw)``; with ``seg_head``
-          also ``seg_logits`` ``(B, R + 1, D, H, W)``.
+          (row ``r - 1`` = region id ``r``), ``region_local`` ``(B, R, out_dim)`` (the mean ``local`` embedding of
+          each region's patches, weighted by the assignment), ``region_present`` ``(B, R)`` bool, ``tokens``
+          ``(B, N, hidden_size)``, ``assignment`` ``(B, N, R + 1)`` float32, with ``N = (D / pd) (H / ph) (W / pw)``;
+          with ``seg_head`` also ``seg_logits`` ``(B, R + 1, D, H, W)``.
 
     Args:
         img_size: reference ``(D, H, W)`` of the positional embedding grid. Default ``(64, 512, 512)``.
@@ -364,6 +437,11 @@ class CTViT(nn.Module):
         num_regions: region ids ``R`` (ids ``1..R``). Default 8.
         out_dim: width of the projection heads (the shared image-text space). Default 512.
         multiscale_layers: 1-based blocks whose outputs are aggregated; default ``L/3, 2L/3, L`` rounded, deduplicated.
+        multiscale_fusion: ``"concat"`` or ``"fpn"`` (step 4). Default ``"concat"``.
+        slice_bias: ``"slope"`` (one learned slope per head) or ``"table"`` (a learned value per head and slab
+            distance bin; see ``_SliceAwareSelfAttention``). Default ``"slope"``.
+        slice_bias_bins: distance bins of the ``"table"`` form, >= 2; distances from ``bins - 1`` slabs on share the
+            last. Default 8.
         attention_impl: ``"auto"``, ``"flex"``, ``"sdpa"`` or ``"reference"``. Default ``"auto"``.
         gradient_checkpointing: recompute each block in backward (``torch.utils.checkpoint``, non-reentrant) while
             training with gradients. Default False.
@@ -394,6 +472,9 @@ class CTViT(nn.Module):
         gradient_checkpointing: bool = False,
         qkv_bias: bool = True,
         seg_head: bool = False,
+        multiscale_fusion: str = "concat",
+        slice_bias: str = "slope",
+        slice_bias_bins: int = 8,
     ) -> None:
         super().__init__()
         self.img_size = _triple(img_size, "img_size")
@@ -425,9 +506,21 @@ class CTViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, hidden_size, *self.grid))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.region_encoder = _RegionEncoder(num_regions, hidden_size, math.prod(self.patch_size), in_channels)
-        self.blocks = nn.ModuleList(_CTViTBlock(hidden_size, num_heads, mlp_ratio, qkv_bias) for _ in range(num_layers))
+        if isinstance(slice_bias_bins, bool) or not isinstance(slice_bias_bins, int) or slice_bias_bins < 2:
+            raise ValueError(f"slice_bias_bins should be an integer >= 2, got {slice_bias_bins}.")
+        self.blocks = nn.ModuleList(
+            _CTViTBlock(hidden_size, num_heads, mlp_ratio, qkv_bias, slice_bias, slice_bias_bins)
+            for _ in range(num_layers)
+        )
         self.scale_norms = nn.ModuleList(nn.LayerNorm(hidden_size) for _ in self.multiscale_layers)
-        self.fuse = nn.Linear(hidden_size * len(self.multiscale_layers), hidden_size)
+        self.multiscale_fusion: str = look_up_option(multiscale_fusion, MULTISCALE_FUSIONS)
+        if self.multiscale_fusion == "concat":
+            self.fuse = nn.Linear(hidden_size * len(self.multiscale_layers), hidden_size)
+        else:
+            self.fpn_lateral = nn.ModuleList(nn.Linear(hidden_size, hidden_size) for _ in self.multiscale_layers)
+            self.fpn_smooth = nn.ModuleList(
+                nn.Conv3d(hidden_size, hidden_size, kernel_size=3, padding=1) for _ in self.multiscale_layers
+            )
         self.norm = nn.LayerNorm(hidden_size)
         self.global_head = nn.Linear(hidden_size, out_dim, bias=False)
         self.local_head = nn.Linear(hidden_size, out_dim, bias=False)
@@ -496,7 +589,28 @@ class CTViT(nn.Module):
                 x = block(x, regions, log_assignment, grid, impl)
             if i in self.multiscale_layers:
                 scales.append(self.scale_norms[len(scales)](x))
+        if self.multiscale_fusion == "fpn":
+            return self.norm(self._pyramid(scales, grid))
         return self.norm(self.fuse(torch.cat(scales, dim=-1)))
+
+    def _pyramid(self, scales: list[torch.Tensor], grid: tuple[int, int, int]) -> torch.Tensor:
+        """Top-down feature pyramid over ``K`` ``(B, N, C)`` layer outputs (shallowest first) -> ``(B, N, C)``."""
+        b, n, c = scales[0].shape
+        levels, size = [], tuple(grid)
+        for k, features in enumerate(scales):
+            volume = features.transpose(1, 2).reshape(b, c, *grid)
+            if k:
+                size = tuple((s + 1) // 2 for s in size)
+                volume = F.adaptive_avg_pool3d(volume, size)
+            levels.append(volume)
+        merged = None
+        for k in reversed(range(len(levels))):
+            lateral = self.fpn_lateral[k](levels[k].flatten(2).transpose(1, 2))
+            lateral = lateral.transpose(1, 2).reshape(b, c, *levels[k].shape[2:])
+            if merged is not None:
+                lateral = lateral + F.interpolate(merged, size=lateral.shape[2:], mode="nearest")
+            merged = self.fpn_smooth[k](lateral)
+        return merged.flatten(2).transpose(1, 2)
 
     # ------------------------------------------------------------------------------------------------- inference
 
@@ -543,6 +657,9 @@ class CTViT(nn.Module):
             "global": self.global_head(tokens.mean(1)),
             "local": self.local_head(tokens),
             "region": self.region_head(region_tokens),
+            # the local head is linear and bias-free, so this is the assignment-weighted mean of the region's
+            # patch embeddings: what a reasoning step about the region is aligned with at patch level
+            "region_local": self.local_head(region_tokens),
             "region_present": mass > 0,
             "tokens": tokens,
             "assignment": assignment,

@@ -183,3 +183,55 @@ def test_bad_step_inputs():
     with pytest.raises(ValueError, match="image_regions should"):
         loss(torch.randn(2, 4), torch.randn(2, 4), None, step_text=torch.randn(1, 4),
              step_batch=torch.tensor([0]), step_region=torch.tensor([1]))
+
+
+def test_step_patch_level_is_the_step_level_on_the_regions_patch_embeddings():
+    torch.manual_seed(0)
+    region_local = torch.randn(2, 3, 4)
+    step_text, step_batch, step_region = torch.randn(4, 4), torch.tensor([0, 0, 1, 1]), torch.tensor([1, 2, 2, 0])
+    both = MultiLevelContrastiveLoss(weights=(0.0, 0.0, 1.0), temperature=1.0, learnable=False,
+                                     patch_weights=(1.0, 0.0))
+    got = both.levels(torch.zeros(2, 4), torch.zeros(2, 4), IMAGE_REGIONS, step_text=step_text,
+                      step_batch=step_batch, step_region=step_region, region_present=REGION_PRESENT,
+                      image_region_local=region_local)
+    plain = MultiLevelContrastiveLoss(weights=(0.0, 0.0, 1.0), temperature=1.0, learnable=False)
+    expected = plain.levels(torch.zeros(2, 4), torch.zeros(2, 4), region_local, step_text=step_text,
+                            step_batch=step_batch, step_region=step_region, region_present=REGION_PRESENT)["step"]
+    torch.testing.assert_close(got["step_patch"], expected)
+    assert not torch.allclose(got["step"], got["step_patch"])
+    torch.testing.assert_close(got["total"], got["step"] + got["step_patch"])
+
+
+def test_anchor_level_is_minus_log_of_the_steps_attention_on_its_region():
+    # one volume, 3 patches, 2 regions: patch 0 all region 1, patch 1 half region 1 half region 2, patch 2 background
+    local = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]])
+    assignment = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 0.5, 0.5], [1.0, 0.0, 0.0]]])
+    step_text = torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, 1.0]])
+    step_batch, step_region = torch.tensor([0, 0, 0]), torch.tensor([1, 2, 0])  # the third step names no region
+    loss = MultiLevelContrastiveLoss(weights=(0.0, 0.0, 0.0), temperature=0.5, learnable=False,
+                                     patch_weights=(0.0, 1.0))
+    got = loss.levels(torch.zeros(1, 2), torch.zeros(1, 2), step_text=step_text, step_batch=step_batch,
+                      step_region=step_region, image_local=local, assignment=assignment)
+    # by hand, tau 0.5: step 0 scores (1, 0, -1) / 0.5, region 1 holds patch 0 and half of patch 1;
+    # step 1 scores (0, 1, 0) / 0.5, region 2 holds half of patch 1
+    a0 = torch.softmax(torch.tensor([2.0, 0.0, -2.0]), 0)
+    a1 = torch.softmax(torch.tensor([0.0, 2.0, 0.0]), 0)
+    expected = -(torch.log(a0[0] + 0.5 * a0[1]) + torch.log(0.5 * a1[1])) / 2
+    torch.testing.assert_close(got["step_anchor"], expected)
+    assert set(got) == {"step_anchor", "total"}
+    # attention on the region lowers the loss: the same steps pointed at the wrong regions cost more
+    wrong = loss.levels(torch.zeros(1, 2), torch.zeros(1, 2), step_text=step_text, step_batch=step_batch,
+                        step_region=torch.tensor([2, 1, 0]), image_local=local, assignment=assignment)
+    assert wrong["step_anchor"] > got["step_anchor"] + 0.5
+
+
+def test_patch_levels_off_by_default_leave_the_state_dict_unchanged():
+    assert set(MultiLevelContrastiveLoss().state_dict()) == {
+        "global_loss.log_temperature", "region_loss.log_temperature", "step_loss.log_temperature"}
+    on = MultiLevelContrastiveLoss(weights=(0.0, 0.0, 0.0), patch_weights=(0.0, 0.5))
+    assert "step_patch_loss.log_temperature" in on.state_dict()
+    with pytest.raises(ValueError, match="patch_weights should be 2 non-negative"):
+        MultiLevelContrastiveLoss(patch_weights=(1.0, -1.0))
+    with pytest.raises(ValueError, match="image_local and assignment"):
+        on.levels(torch.zeros(1, 2), torch.zeros(1, 2), step_text=torch.randn(1, 2), step_batch=torch.tensor([0]),
+                  step_region=torch.tensor([1]), image_local=torch.randn(1, 3, 2), assignment=torch.rand(1, 4, 3))

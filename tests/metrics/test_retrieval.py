@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from common.metrics import RetrievalMetric, cross_modal_recall, recall_at_k, region_alignment_accuracy, retrieval_table
+from common.metrics import (
+    RetrievalMetric,
+    cross_modal_recall,
+    recall_at_k,
+    region_alignment_accuracy,
+    retrieval_table,
+    step_patch_auc,
+)
 
 # similarity, positives, ks, expected recalls
 RECALL_CASES = [
@@ -68,3 +75,39 @@ def test_retrieval_metric_accumulates_over_cases():
     single.update((emb, -emb, [f"r{i}" for i in range(4)], emb[:, None], emb[:, None],
                    torch.ones(4, 1, dtype=torch.bool), torch.ones(4, 1, dtype=torch.bool)))
     assert single.compute() == 0.0  # each text is least like its own volume
+
+
+# one volume, 5 patches: region 1 covers patches 0 and 1 fully and patch 2 partly (left out), 3 and 4 lie outside
+STEP_ASSIGNMENT = torch.tensor([[[0.0, 1.0], [0.0, 1.0], [0.75, 0.25], [1.0, 0.0], [1.0, 0.0]]])
+
+
+def test_step_patch_auc_by_hand():
+    local = torch.tensor([[[1.0, 0.0], [0.6, 0.8], [1.0, 0.0], [0.8, 0.6], [-1.0, 0.0]]])
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    # step 0 scores inside (1, 0.6), outside (0.8, -1): 3 of 4 pairs ordered; step 1 scores inside (0, 0.8),
+    # outside (0.6, 0): (0 vs 0.6) lost, (0 vs 0) a tie, 0.8 wins both: 2.5 / 4; step 2 names no region
+    aucs = step_patch_auc(local, STEP_ASSIGNMENT, text, torch.tensor([0, 0, 0]), torch.tensor([1, 1, 0]))
+    assert aucs == pytest.approx([0.75, 0.625])
+    # a region covering every scored patch (no outside patch) cannot be scored
+    full = torch.tensor([[[0.0, 1.0]] * 5])
+    assert step_patch_auc(local, full, text[:1], torch.tensor([0]), torch.tensor([1])) == []
+    with pytest.raises(ValueError, match="image_local"):
+        step_patch_auc(local, STEP_ASSIGNMENT, text, torch.tensor([0]), torch.tensor([1]))
+
+
+def test_retrieval_metric_adds_step_patch_auc_when_steps_are_given():
+    emb = torch.eye(2)
+    case = (emb[:1], emb[:1], ["r"], emb[:1, None], emb[:1, None], torch.ones(1, 1, dtype=torch.bool),
+            torch.ones(1, 1, dtype=torch.bool))
+    metric = RetrievalMetric(name=None, ks=(1,))
+    metric.reset()
+    metric.update(case)
+    assert "step_patch_auc" not in metric.compute()
+    local = torch.tensor([[[1.0, 0.0], [0.9, 0.1], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]])
+    metric.reset()
+    for _ in range(2):
+        metric.update(case + (local, STEP_ASSIGNMENT, torch.tensor([[1.0, 0.0]]), torch.tensor([0]),
+                              torch.tensor([1])))
+    out = metric.compute()
+    assert out["step_patch_auc"] == 1.0 and out["step_patch_steps"] == 2
+    assert "| 1.000 | 0.500 | 2 |" in retrieval_table(out)

@@ -30,6 +30,9 @@ TEST_CASES = [
     [TINY, (1, 1, 16, 64, 64), False, 64],
     [TINY, (2, 1, 8, 32, 48), True, 2 * 2 * 3],  # another grid: interpolated positions
     [{**TINY, "in_channels": 2, "multiscale_layers": (3,)}, (1, 2, 12, 32, 32), True, 3 * 2 * 2],
+    # the feature pyramid on the reference grid and on odd grids (3 x 2 x 2 -> 2 x 1 x 1 -> 1 x 1 x 1)
+    [{**TINY, "multiscale_fusion": "fpn"}, (2, 1, 16, 64, 64), True, 64],
+    [{**TINY, "multiscale_fusion": "fpn"}, (1, 1, 12, 32, 32), True, 3 * 2 * 2],
 ]
 
 # kwargs, the error message's start
@@ -45,6 +48,7 @@ ILL_CASES = [
     [{"multiscale_layers": (0, 3)}, "multiscale_layers should be"],
     [{"multiscale_layers": (4,)}, "multiscale_layers should be"],
     [{"attention_impl": "xformers"}, "Unsupported option 'xformers'"],
+    [{"multiscale_fusion": "bifpn"}, "'bifpn' is not a valid value"],
 ]
 
 
@@ -79,7 +83,7 @@ def test_encode_shapes(kwargs, shape, with_mask, n):
     b, r, d, c = shape[0], kwargs["num_regions"], kwargs["out_dim"], kwargs["hidden_size"]
     assert out["global"].shape == (b, d)
     assert out["local"].shape == (b, n, d)
-    assert out["region"].shape == (b, r, d)
+    assert out["region"].shape == (b, r, d) and out["region_local"].shape == (b, r, d)
     assert out["region_present"].shape == (b, r) and out["region_present"].dtype == torch.bool
     assert out["tokens"].shape == (b, n, c)
     assert out["assignment"].shape == (b, n, r + 1)
@@ -90,6 +94,34 @@ def test_encode_shapes(kwargs, shape, with_mask, n):
         assert not out["region_present"].any()
     # absent regions pool to zero features
     assert torch.all(out["region"][~out["region_present"]] == 0)
+    # a region's patch-level embedding is the assignment-weighted mean of its patches' local embeddings
+    weights = out["assignment"][..., 1:] / out["assignment"][..., 1:].sum(1, keepdim=True).clamp_min(1e-12)
+    torch.testing.assert_close(out["region_local"], torch.einsum("bnr,bnd->brd", weights, out["local"]),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_feature_pyramid_modules_and_top_down_path():
+    concat, fpn = _net(), _net(multiscale_fusion="fpn")
+    assert "fuse.weight" in concat.state_dict() and not any(k.startswith("fpn_") for k in concat.state_dict())
+    assert "fuse.weight" not in fpn.state_dict() and len(fpn.fpn_lateral) == len(fpn.fpn_smooth) == 3
+    # with one level the pyramid is the smoothing convolution of the lateral projection of that layer
+    one = _net(multiscale_fusion="fpn", multiscale_layers=(3,))
+    scales = [torch.randn(2, 64, 32)]
+    volume = one.fpn_lateral[0](scales[0]).transpose(1, 2).reshape(2, 32, 4, 4, 4)
+    expected = one.fpn_smooth[0](volume).flatten(2).transpose(1, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(one._pyramid(scales, (4, 4, 4)), expected)
+        # top-down: the deepest layer reaches every token through its 1 x 1 x 1 level (4 -> 2 -> 1 per axis), the
+        # shallowest only the neighbours of the changed token, through the finest 3 x 3 x 3 smoothing
+        layers = [torch.randn(1, 64, 32) for _ in range(3)]
+        base = fpn._pyramid(layers, (4, 4, 4))
+        moved = []
+        for k in (2, 0):
+            changed = [t.clone() for t in layers]
+            changed[k][:, 0] += 10.0
+            moved.append((fpn._pyramid(changed, (4, 4, 4)) - base).abs().sum(-1)[0].reshape(4, 4, 4))
+    assert moved[0].min() > 0
+    assert moved[1][:2, :2, :2].min() > 0 and moved[1][2:].max() == 0 and moved[1][:, 2:].max() == 0
 
 
 def test_forward_is_global_embedding():
@@ -325,3 +357,44 @@ def test_segmentation_head_maps_each_token_to_its_patch_voxels():
     token = out["tokens"][:, 1 * 4 + 2]
     expected = net.seg_head(token).reshape(b, r + 1, pd, ph, pw)
     torch.testing.assert_close(out["seg_logits"][:, :, 0:4, 16:32, 32:48], expected)
+
+
+def test_slice_bias_table_starts_as_the_slopes_and_every_path_agrees_with_gradients():
+    torch.manual_seed(0)
+    slope = _SliceAwareSelfAttention(dim=32, num_heads=4)
+    table = _SliceAwareSelfAttention(dim=32, num_heads=4, slice_bias="table", slice_bias_bins=3)
+    table.load_state_dict({k: v for k, v in slope.state_dict().items() if k != "z_decay"}, strict=False)
+    assert "z_decay" not in table.state_dict() and table.z_table.shape == (4, 3)
+    # at initialisation the table is the slope form up to the last bin, which distances 2 and 3 share
+    bias_slope, bias_table = slope.slab_bias(4), table.slab_bias(4)
+    torch.testing.assert_close(bias_table[:, 0, :3], bias_slope[:, 0, :3])
+    torch.testing.assert_close(bias_table[:, 0, 3], bias_slope[:, 0, 2])
+    with torch.no_grad():  # a non-monotonic table: slabs 2 apart weigh more than neighbours
+        table.z_table.copy_(torch.tensor([[0.0, -3.0, 1.0]] * 4))
+    x = torch.randn(2, 4 * 3 * 2, 32)
+    outputs, grads = {}, {}
+    for impl in ("sdpa", "reference"):
+        table.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        out = table(xi, (4, 3, 2), impl)
+        out.square().sum().backward()
+        outputs[impl] = out.detach()
+        grads[impl] = (xi.grad, table.z_table.grad.clone())
+    torch.testing.assert_close(outputs["sdpa"], outputs["reference"], atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads["sdpa"], grads["reference"]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert grads["sdpa"][1].abs().min() > 0  # every head and bin learns
+    with torch.no_grad(), warnings.catch_warnings():  # FlexAttention's score_mod, eager on CPU
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(table(x, (4, 3, 2), "flex"), outputs["reference"], atol=1e-5, rtol=1e-5)
+
+
+def test_slice_bias_table_through_the_network():
+    volume, mask = _inputs()
+    net = _net(slice_bias="table", slice_bias_bins=4)
+    with torch.no_grad():
+        sdpa = net.encode(volume, mask)["tokens"]
+        net.attention_impl = "reference"
+        torch.testing.assert_close(sdpa, net.encode(volume, mask)["tokens"], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="slice_bias_bins should be an integer >= 2"):
+        _net(slice_bias="table", slice_bias_bins=1)
