@@ -24,6 +24,8 @@ def benchmark_iris(
     train: bool = False,
     amp: bool = False,
     threads: int | None = None,
+    cached_references: bool = False,
+    channels_last: bool = False,
 ) -> dict:
     """Parameters, forward (or training step) latency and peak memory of IRIS at one setting.
 
@@ -42,6 +44,12 @@ def benchmark_iris(
         train: time a training step (forward, backward, AdamW) instead of a forward pass. Default False.
         amp: bf16 autocast. Default False.
         threads: CPU threads (``torch.set_num_threads``). Default unchanged.
+        cached_references: time what each query costs once the references are encoded, as the bundle's inference
+            runs (``InContextPrompt`` encodes the references once per run, in one batched encoder call): the
+            reference encoding is timed once on its own (``reference_encoding_s``) and each timed step is
+            ``segment(query, task_embeddings)``. Forward passes only. Default False (one ``forward`` with the
+            references, what a single query costs from scratch).
+        channels_last: ``torch.channels_last_3d`` weights and inputs. Default False.
 
     Returns:
         the setting, ``latency_s`` (median seconds of one step of ``batch_size`` queries) and ``peak_memory_mb``
@@ -50,6 +58,10 @@ def benchmark_iris(
     if size not in IRIS_SIZES:
         raise ValueError(f"size should be one of {sorted(IRIS_SIZES)}, got {size}.")
     train, amp = as_bool(train, "train"), as_bool(amp, "amp")
+    cached_references, channels_last = as_bool(cached_references, "cached_references"), as_bool(
+        channels_last, "channels_last")
+    if cached_references and train:
+        raise ValueError("cached_references times forward passes only; leave train off.")
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device)
@@ -58,11 +70,22 @@ def benchmark_iris(
     image = torch.rand(batch_size, 1, *s, device=dev)
     ref_image = torch.rand(batch_size, num_references, 1, *s, device=dev)
     ref_mask = (torch.rand(batch_size, num_references, num_classes, *s, device=dev) > 0.5).float()
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last_3d)
+        image = image.contiguous(memory_format=torch.channels_last_3d)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4) if train else None
+    cache: dict[bool, torch.Tensor] = {}
+
+    def encode_references(amp: bool = amp) -> None:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp), torch.inference_mode():
+            cache[amp] = net.encode_task(ref_image, ref_mask)
 
     def step(amp: bool = amp) -> None:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            if train:
+            if cached_references:
+                with torch.inference_mode():
+                    net.segment(image, cache[amp])
+            elif train:
                 out = net(image, ref_image, ref_mask)
                 out.float().mean().backward()
                 optimizer.step()
@@ -71,6 +94,10 @@ def benchmark_iris(
                 with torch.inference_mode():
                     net(image, ref_image, ref_mask)
 
+    encoding = {}
+    if cached_references:
+        for mode in {False, amp}:
+            encoding[mode] = time_call(lambda mode=mode: encode_references(mode), repeats=1, warmup=1, device=dev)
     fp32 = time_call(lambda: step(False), repeats=repeats, warmup=1, device=dev) if amp else None
     timing = time_call(step, repeats=repeats, warmup=1, device=dev)
     result = {
@@ -82,11 +109,14 @@ def benchmark_iris(
         "batch_size": batch_size,
         "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
         "threads": torch.get_num_threads(),
-        "mode": "train step" if train else "forward",
+        "mode": "train step" if train else ("segment, references encoded once" if cached_references else "forward"),
         "amp_bf16": amp,
+        "channels_last": channels_last,
         "latency_s": round(timing["median_ms"] / 1000.0, 4),
         "peak_memory_mb": timing["peak_mb"],
     }
+    if cached_references:
+        result["reference_encoding_s"] = round(encoding[amp]["median_ms"] / 1000.0, 4)
     if fp32 is not None:
         result["fp32_latency_s"] = round(fp32["median_ms"] / 1000.0, 4)
         result["amp_speedup"] = round(fp32["median_ms"] / timing["median_ms"], 2)

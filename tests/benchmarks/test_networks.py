@@ -12,6 +12,8 @@ TEST_CASES = [
     [benchmark_iris, {"image_size": 16, "num_classes": 2, "repeats": 1}, {"classes", "references", "amp_bf16"}],
     [benchmark_iris, {"image_size": 16, "repeats": 1, "train": True, "amp": "true"},
      {"amp_bf16", "fp32_latency_s", "amp_speedup"}],
+    [benchmark_iris, {"image_size": 16, "num_references": 3, "repeats": 1, "amp": True, "cached_references": "true",
+                      "channels_last": True}, {"reference_encoding_s", "amp_speedup", "channels_last"}],
     [benchmark_csr, {"image_size": 32, "batch_size": 2, "repeats": 1}, {"images_per_s", "amp_bf16"}],
     [benchmark_csr, {"image_size": 32, "batch_size": 2, "repeats": 1, "train": True}, {"images_per_s"}],
 ]
@@ -35,6 +37,11 @@ def test_ct_benchmark_reports_one_row_per_size():
 
 
 ILL_CASES = [[benchmark_iris, {"size": "huge"}], [benchmark_ct, {"size": "tiny,huge"}]]
+
+
+def test_iris_benchmark_times_cached_references_for_forward_passes_only():
+    with pytest.raises(ValueError, match="cached_references times forward passes only"):
+        benchmark_iris(image_size=16, repeats=1, train=True, cached_references=True)
 
 
 @pytest.mark.parametrize("benchmark, kwargs", ILL_CASES)
