@@ -9,7 +9,7 @@ from .ct_vit import (
     ct_vit_small,
     ct_vit_tiny,
     patch_region_assignment,
-    z_distance_bias,
+    token_bias,
 )
 from .iris import IRISNet, iris_full, iris_small, masked_average_pool, pixel_shuffle, pixel_unshuffle
 from .memory_bank import ClassMemoryBank

@@ -36,7 +36,7 @@ __all__ = [
     "ct_vit_small",
     "ct_vit_tiny",
     "patch_region_assignment",
-    "z_distance_bias",
+    "token_bias",
 ]
 
 ATTENTION_IMPLS = ("auto", "flex", "sdpa", "reference")
@@ -105,14 +105,14 @@ def patch_region_assignment(region_mask: torch.Tensor, patch_size: Sequence[int]
     return torch.stack(columns, dim=-1)
 
 
-def z_distance_bias(slopes: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
-    """Dense slice-distance bias ``(H, N, N)``: ``-slopes[h] * |z_i - z_j|`` with ``z`` the patch's slab index.
+def token_bias(slab_bias: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+    """The dense per-token bias ``(H, N, N)`` from the bias between slabs ``slab_bias`` ``(H, gd, gd)``.
 
     Only the reference path materialises this; tokens are in ``(gd, gh, gw)`` order, so ``z_i = i // (gh * gw)``.
     """
     gd, gh, gw = grid
-    z = torch.arange(gd, device=slopes.device).repeat_interleave(gh * gw)
-    return -slopes[:, None, None] * (z[:, None] - z[None, :]).abs().to(slopes.dtype)
+    z = torch.arange(gd, device=slab_bias.device).repeat_interleave(gh * gw)
+    return slab_bias[:, z][:, :, z]
 
 
 def _reference_attention(
@@ -233,13 +233,12 @@ class _SliceAwareSelfAttention(nn.Module):
         if self.slice_bias == "table":
             out = self._table_attention(q, k, v, grid, impl)
             return self.proj(out.transpose(1, 2).reshape(b, n, c))
-        slopes = self.slopes()
         if impl == "flex":
-            out = _flex_z_attention(q, k, v, slopes, grid[1] * grid[2])
+            out = _flex_z_attention(q, k, v, self.slopes(), grid[1] * grid[2])
         elif impl == "sdpa":
-            out = _sdpa_z_attention(q, k, v, slopes, grid[0])
+            out = _sdpa_z_attention(q, k, v, self.slopes(), grid[0])
         else:
-            out = _reference_attention(q, k, v, z_distance_bias(slopes, grid).to(q.dtype))[0]
+            out = _reference_attention(q, k, v, token_bias(self.slab_bias(grid[0]), grid).to(q.dtype))[0]
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
     def _table_attention(self, q, k, v, grid: tuple[int, int, int], impl: str) -> torch.Tensor:
@@ -248,8 +247,7 @@ class _SliceAwareSelfAttention(nn.Module):
         bias = self.slab_bias(grid[0])
         if impl == "sdpa":
             return _sdpa_slab_attention(q, k, v, bias)
-        z = torch.arange(grid[0], device=q.device).repeat_interleave(grid[1] * grid[2])
-        return _reference_attention(q, k, v, bias[:, z][:, :, z].to(q.dtype))[0]
+        return _reference_attention(q, k, v, token_bias(bias, grid).to(q.dtype))[0]
 
 
 class _RegionCrossAttention(nn.Module):

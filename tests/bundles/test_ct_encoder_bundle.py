@@ -63,8 +63,12 @@ def _evaluate(data: Path, out: Path, ckpt_path: str, fixed: list[str]) -> dict:
                       "--output_dir", str(out), "--evaluate_split", "validation", *fixed, check=False)
     # the empty report fails alone: the others are scored and written, then the run exits 1 naming it
     assert proc.returncode == 1 and "1 case(s) failed, 100 completed" in proc.stderr, proc.stderr[-3000:]
-    assert "| text to image |" in (out / "retrieval_metrics.md").read_text()
-    return json.loads((out / "retrieval_metrics.json").read_text())
+    table = (out / "retrieval_metrics.md").read_text()
+    assert "| text to image |" in table and "| step-patch AUC" in table
+    metrics = json.loads((out / "retrieval_metrics.json").read_text())
+    # every held-out case's reasoning steps are scored against its own patches (NaN would mean none was)
+    assert metrics["step_patch_steps"] > 0 and 0.0 <= metrics["step_patch_auc"] <= 1.0, metrics
+    return metrics
 
 
 def test_training_learns_heldout_retrieval_and_region_alignment_above_chance(data, trained, fixed, tmp_path):

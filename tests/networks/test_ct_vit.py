@@ -17,7 +17,7 @@ from common.networks.ct_vit import (
     ct_vit_small,
     ct_vit_tiny,
     patch_region_assignment,
-    z_distance_bias,
+    token_bias,
 )
 
 # a config sized for CPU tests: 16 x 64 x 64 volumes, 4 x 16 x 16 patches -> 4 x 4 x 4 = 64 tokens
@@ -204,9 +204,11 @@ def test_position_embedding_interpolation():
     assert net.position_embedding((8, 8, 8)).shape == (1, 512, 32)
 
 
-def test_z_distance_bias_by_hand():
-    slopes = torch.tensor([0.5, 2.0])
-    bias = z_distance_bias(slopes, (3, 1, 2))  # z = 0, 0, 1, 1, 2, 2
+def test_slope_bias_by_hand():
+    attn = _SliceAwareSelfAttention(dim=8, num_heads=2)
+    with torch.no_grad():
+        attn.z_decay.copy_(torch.log(torch.expm1(torch.tensor([0.5, 2.0]))))
+    bias = token_bias(attn.slab_bias(3), (3, 1, 2))  # z = 0, 0, 1, 1, 2, 2
     dz = torch.tensor([[0, 0, 1, 1, 2, 2], [0, 0, 1, 1, 2, 2], [1, 1, 0, 0, 1, 1], [1, 1, 0, 0, 1, 1],
                        [2, 2, 1, 1, 0, 0], [2, 2, 1, 1, 0, 0]], dtype=torch.float32)
     torch.testing.assert_close(bias, torch.stack([-0.5 * dz, -2.0 * dz]))
@@ -226,7 +228,7 @@ def test_attention_weights_follow_z_distance(impl):
     if impl == "sdpa":
         weights = _sdpa_z_attention(q, q, v, slopes, grid[0])
     else:
-        weights = _reference_attention(q, q, v, z_distance_bias(slopes, grid))[0]
+        weights = _reference_attention(q, q, v, token_bias(attn.slab_bias(grid[0]), grid))[0]
     z = torch.tensor([0, 0, 1, 1, 2, 2])
     for h, s in enumerate([0.5, 2.0]):
         expected = torch.softmax(-s * (z[:, None] - z[None, :]).abs().float(), dim=-1)
@@ -236,10 +238,8 @@ def test_attention_weights_follow_z_distance(impl):
     assert row[0] > row[2] > row[4]
 
 
-def test_sdpa_matches_reference_with_gradients():
-    torch.manual_seed(0)
-    attn = _SliceAwareSelfAttention(dim=32, num_heads=4)
-    x = torch.randn(2, 4 * 3 * 2, 32)
+def _assert_sdpa_matches_reference(attn: _SliceAwareSelfAttention, x: torch.Tensor, bias_param: torch.nn.Parameter):
+    """The fused path against the dense reference: outputs, and gradients of the input, the bias and qkv."""
     outputs, grads = {}, {}
     for impl in ("sdpa", "reference"):
         attn.zero_grad()
@@ -247,11 +247,18 @@ def test_sdpa_matches_reference_with_gradients():
         out = attn(xi, (4, 3, 2), impl)
         out.square().sum().backward()
         outputs[impl] = out.detach()
-        grads[impl] = (xi.grad, attn.z_decay.grad.clone(), attn.qkv.weight.grad.clone())
+        grads[impl] = (xi.grad, bias_param.grad.clone(), attn.qkv.weight.grad.clone())
     torch.testing.assert_close(outputs["sdpa"], outputs["reference"], atol=1e-5, rtol=1e-5)
     for a, b in zip(grads["sdpa"], grads["reference"]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    assert grads["sdpa"][1].abs().min() > 0  # every head's slope learns
+    assert grads["sdpa"][1].abs().min() > 0  # every head (and bin) of the bias learns
+    return outputs["reference"]
+
+
+def test_sdpa_matches_reference_with_gradients():
+    torch.manual_seed(0)
+    attn = _SliceAwareSelfAttention(dim=32, num_heads=4)
+    _assert_sdpa_matches_reference(attn, torch.randn(2, 4 * 3 * 2, 32), attn.z_decay)
 
 
 def test_flex_selected_on_cuda_only_and_matches_reference():
@@ -372,21 +379,10 @@ def test_slice_bias_table_starts_as_the_slopes_and_every_path_agrees_with_gradie
     with torch.no_grad():  # a non-monotonic table: slabs 2 apart weigh more than neighbours
         table.z_table.copy_(torch.tensor([[0.0, -3.0, 1.0]] * 4))
     x = torch.randn(2, 4 * 3 * 2, 32)
-    outputs, grads = {}, {}
-    for impl in ("sdpa", "reference"):
-        table.zero_grad()
-        xi = x.clone().requires_grad_(True)
-        out = table(xi, (4, 3, 2), impl)
-        out.square().sum().backward()
-        outputs[impl] = out.detach()
-        grads[impl] = (xi.grad, table.z_table.grad.clone())
-    torch.testing.assert_close(outputs["sdpa"], outputs["reference"], atol=1e-5, rtol=1e-5)
-    for a, b in zip(grads["sdpa"], grads["reference"]):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    assert grads["sdpa"][1].abs().min() > 0  # every head and bin learns
+    reference = _assert_sdpa_matches_reference(table, x, table.z_table)
     with torch.no_grad(), warnings.catch_warnings():  # FlexAttention's score_mod, eager on CPU
         warnings.simplefilter("ignore")
-        torch.testing.assert_close(table(x, (4, 3, 2), "flex"), outputs["reference"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(table(x, (4, 3, 2), "flex"), reference, atol=1e-5, rtol=1e-5)
 
 
 def test_slice_bias_table_through_the_network():
