@@ -33,6 +33,7 @@ TEST_CASES = [
     # the feature pyramid on the reference grid and on odd grids (3 x 2 x 2 -> 2 x 1 x 1 -> 1 x 1 x 1)
     [{**TINY, "multiscale_fusion": "fpn"}, (2, 1, 16, 64, 64), True, 64],
     [{**TINY, "multiscale_fusion": "fpn"}, (1, 1, 12, 32, 32), True, 3 * 2 * 2],
+    [{**TINY, "num_regions": 20}, (2, 1, 16, 64, 64), True, 64],  # the design's 20 regions
 ]
 
 # kwargs, the error message's start
