@@ -26,6 +26,7 @@ def benchmark_iris(
     threads: int | None = None,
     cached_references: bool = False,
     channels_last: bool = False,
+    compare_fp32: bool = True,
 ) -> dict:
     """Parameters, forward (or training step) latency and peak memory of IRIS at one setting.
 
@@ -50,6 +51,8 @@ def benchmark_iris(
             ``segment(query, task_embeddings)``. Forward passes only. Default False (one ``forward`` with the
             references, what a single query costs from scratch).
         channels_last: ``torch.channels_last_3d`` weights and inputs. Default False.
+        compare_fp32: with ``amp``, also time fp32 in the same process for ``amp_speedup``. ``false`` leaves it out,
+            so on CPU (where the peak resident set only grows) ``peak_memory_mb`` is that of bf16 alone. Default True.
 
     Returns:
         the setting, ``latency_s`` (median seconds of one step of ``batch_size`` queries) and ``peak_memory_mb``
@@ -60,6 +63,7 @@ def benchmark_iris(
     train, amp = as_bool(train, "train"), as_bool(amp, "amp")
     cached_references, channels_last = as_bool(cached_references, "cached_references"), as_bool(
         channels_last, "channels_last")
+    compare_fp32 = amp and as_bool(compare_fp32, "compare_fp32")
     if cached_references and train:
         raise ValueError("cached_references times forward passes only; leave train off.")
     if threads:
@@ -96,9 +100,9 @@ def benchmark_iris(
 
     encoding = {}
     if cached_references:
-        for mode in {False, amp}:
+        for mode in {amp} | ({False} if compare_fp32 else set()):
             encoding[mode] = time_call(lambda mode=mode: encode_references(mode), repeats=1, warmup=1, device=dev)
-    fp32 = time_call(lambda: step(False), repeats=repeats, warmup=1, device=dev) if amp else None
+    fp32 = time_call(lambda: step(False), repeats=repeats, warmup=1, device=dev) if compare_fp32 else None
     timing = time_call(step, repeats=repeats, warmup=1, device=dev)
     result = {
         "network": f"iris_{size}",

@@ -32,6 +32,13 @@ def test_benchmark_reports_the_setting_and_positive_figures(benchmark, kwargs, e
         assert result["batch_size"] / result["images_per_s"] == pytest.approx(result["latency_s"], abs=1e-4)
 
 
+def test_iris_amp_alone_leaves_out_the_fp32_run():
+    # --compare_fp32 false (the string, as the CLI passes it): bf16 only, so the peak is bf16's and no ratio is made
+    result = benchmark_iris(image_size=16, repeats=1, amp=True, cached_references=True, compare_fp32="false")
+    assert result["amp_bf16"] and result["latency_s"] > 0
+    assert "amp_speedup" not in result and "fp32_latency_s" not in result
+
+
 def test_ct_benchmark_reports_one_row_per_size():
     rows = benchmark_ct(size="tiny", repeats=1)["results"]
     assert [r["network"] for r in rows] == ["ct_vit_tiny"] and rows[0]["tokens_per_volume"] == 64
