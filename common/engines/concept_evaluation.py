@@ -12,11 +12,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from monai.metrics import compute_roc_auc
 from tqdm import tqdm
 
 from common.engines.concepts import concept_similarity, csr_network
-from common.metrics.multilabel import multilabel_report, select_thresholds
+from common.metrics.multilabel import multilabel_report, roc_auc, select_thresholds
 
 __all__ = ["evaluate_concept_model", "peak_inside"]
 
@@ -32,12 +31,6 @@ def peak_inside(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     coarse = F.adaptive_max_pool2d(masks[:, None].float(), maps.shape[-2:])[:, 0]
     peak = maps.flatten(1).argmax(-1)
     return coarse.flatten(1).gather(1, peak[:, None])[:, 0] > 0
-
-
-def _auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    if labels.min() == labels.max():  # one class only: AUC undefined
-        return math.nan
-    return float(compute_roc_auc(scores, labels))
 
 
 def _nanmean(values: Iterable[float]) -> float:
@@ -113,9 +106,9 @@ def evaluate_concept_model(
             proto_hits[c] += peak_inside(proto_maps, masks[rows, c]).tolist()
     ds, dy = torch.cat(disease_s), torch.cat(disease_y)
     cs, csim, cy = torch.cat(concept_s), torch.cat(concept_sim), torch.cat(concept_y)
-    per_disease = {n: _auc(ds[:, i], dy[:, i]) for i, n in enumerate(disease_names)}
-    per_concept = {n: _auc(cs[:, i], cy[:, i]) for i, n in enumerate(concept_names)}
-    per_concept_sim = {n: _auc(csim[:, i], cy[:, i]) for i, n in enumerate(concept_names)}
+    per_disease = {n: roc_auc(ds[:, i], dy[:, i]) for i, n in enumerate(disease_names)}
+    per_concept = {n: roc_auc(cs[:, i], cy[:, i]) for i, n in enumerate(concept_names)}
+    per_concept_sim = {n: roc_auc(csim[:, i], cy[:, i]) for i, n in enumerate(concept_names)}
     f1 = multilabel_report(ds.numpy(), dy.numpy(), thresholds, disease_names)
     all_positive = multilabel_report(ds.numpy(), dy.numpy(), [0.0], disease_names)
     cam_rate = {n: (sum(h) / len(h) if h else math.nan) for n, h in zip(concept_names, cam_hits)}

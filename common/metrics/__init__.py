@@ -1,6 +1,6 @@
 """Metrics: plain functions over tensors and the ignite metrics built on them."""
 
-from .multilabel import format_table, multilabel_report, select_thresholds
+from .multilabel import format_table, multilabel_report, roc_auc, select_thresholds
 from .retrieval import (
     RetrievalMetric,
     cross_modal_recall,

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import numpy as np
-from sklearn.metrics import roc_auc_score
+import math
 
-__all__ = ["DEFAULT_GRID", "format_table", "multilabel_report", "select_thresholds"]
+import numpy as np
+import torch
+from monai.metrics import compute_roc_auc
+
+__all__ = ["DEFAULT_GRID", "format_table", "multilabel_report", "roc_auc", "select_thresholds"]
 
 # candidate thresholds of select_thresholds: 0.01, 0.02, ..., 0.99
 DEFAULT_GRID = np.round(np.arange(1, 100) / 100, 2)
@@ -77,6 +80,21 @@ def select_thresholds(probs, labels, grid: Sequence[float] | np.ndarray | None =
     return thresholds
 
 
+def roc_auc(scores, labels) -> float:
+    """Area under the ROC curve of ``(N,)`` scores against ``(N,)`` 0/1 labels (MONAI's ``compute_roc_auc``: tied
+    scores count half), or NaN when the labels hold one value only, where it is undefined.
+
+    Example::
+
+        roc_auc([0.9, 0.5, 0.5, 0.1], [1, 1, 0, 0])  # 0.875: the tied pair counts half
+    """
+    scores = torch.as_tensor(scores).detach().cpu().double().reshape(-1)
+    labels = torch.as_tensor(labels).detach().cpu().long().reshape(-1)
+    if labels.numel() == 0 or labels.min() == labels.max():
+        return math.nan
+    return float(compute_roc_auc(scores, labels))
+
+
 def _ratio(num: float, den: float) -> float | None:
     return float(num / den) if den > 0 else None
 
@@ -85,7 +103,7 @@ def multilabel_report(probs, labels, thresholds, names: Sequence[str]) -> dict:
     """Per-class precision, recall, F1, AUC and support, with micro and macro F1, at given thresholds.
 
     Undefined values are None: precision with no predicted positive, recall with no positive label, F1 with
-    neither, AUC (``sklearn.metrics.roc_auc_score``) when a class has only one label value. Micro F1 pools the
+    neither, AUC (:func:`roc_auc`) when a class has only one label value. Micro F1 pools the
     counts of all classes; macro F1 and macro AUC average the classes with at least one positive label (and a
     defined AUC), listed in ``macro_classes``.
 
@@ -124,7 +142,7 @@ def multilabel_report(probs, labels, thresholds, names: Sequence[str]) -> dict:
             "precision": _ratio(tp[c], tp[c] + fp[c]),
             "recall": _ratio(tp[c], support[c]),
             "f1": None if np.isnan(f1[c]) else float(f1[c]),
-            "auc": float(roc_auc_score(labels[:, c], probs[:, c])) if both else None,
+            "auc": roc_auc(probs[:, c], labels[:, c]) if both else None,
             "support": int(support[c]),
             "threshold": float(thresholds[c]),
         }

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from ignite.metrics import Metric
 
+from common.metrics.multilabel import roc_auc
+
 __all__ = [
     "RetrievalMetric",
     "cross_modal_recall",
@@ -117,13 +119,6 @@ def region_alignment_accuracy(
     return float(correct.float().mean()), float(chance), int(len(b_idx))
 
 
-def _auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
-    """Area under the ROC curve of ``scores`` for the ``positive`` items against the rest (ties count half)."""
-    pos, neg = scores[positive], scores[~positive]
-    greater = (pos[:, None] > neg[None, :]).float().sum() + 0.5 * (pos[:, None] == neg[None, :]).float().sum()
-    return float(greater / (len(pos) * len(neg)))
-
-
 def step_patch_auc(
     image_local: torch.Tensor,
     assignment: torch.Tensor,
@@ -167,7 +162,7 @@ def step_patch_auc(
         positive = fraction[scored] >= inside
         if positive.all() or not positive.any():
             continue
-        aucs.append(_auc((local[b] @ text[s])[scored], positive))
+        aucs.append(roc_auc((local[b] @ text[s])[scored], positive))
     return aucs
 
 

@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
-from common.metrics.multilabel import format_table, multilabel_report, select_thresholds
+import torch
+
+from common.metrics.multilabel import format_table, multilabel_report, roc_auc, select_thresholds
 
 # 6 cases, 3 classes; class "b" has no positive label. Worked out by hand in the tests below.
 PROBS = np.array([[0.9, 0.2, 0.55], [0.8, 0.6, 0.45], [0.7, 0.1, 0.9], [0.4, 0.3, 0.2], [0.3, 0.2, 0.6],
@@ -91,3 +95,21 @@ def test_format_table():
         format_table({"model": model, "other": multilabel_report(PROBS, LABELS[[0, 1, 2, 2, 4, 5]], 0.5, NAMES)})
     with pytest.raises(ValueError, match="at least one method"):
         format_table({})
+
+
+@pytest.mark.parametrize(
+    "scores, labels, expected",
+    [
+        ([0.9, 0.5, 0.5, 0.1], [1, 1, 0, 0], 0.875),  # 3 pairs ordered, the tied pair counts half
+        ([0.1, 0.2, 0.3], [1, 0, 0], 0.0),  # every positive below every negative
+        ([2.0, 2.0, 2.0, 2.0], [1, 0, 1, 0], 0.5),  # all tied: chance
+    ],
+)
+def test_roc_auc_known_answers(scores, labels, expected):
+    assert roc_auc(scores, labels) == pytest.approx(expected)
+    # tensors (bool labels, bf16 scores as evaluation may hand them over) give the same value
+    assert roc_auc(torch.tensor(scores).bfloat16(), torch.tensor(labels).bool()) == pytest.approx(expected)
+
+
+def test_roc_auc_undefined_for_one_label_value():
+    assert math.isnan(roc_auc([0.2, 0.8], [1, 1])) and math.isnan(roc_auc([], []))
