@@ -8,12 +8,59 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-__all__ = ["ProbabilitiesToLabelMapd", "class_values"]
+from common.bundle.args import as_bool
+
+__all__ = ["ClassMasksd", "ProbabilitiesToLabelMapd", "class_values", "most_probable_class"]
 
 
 def class_values(classes) -> dict[str, int]:
     """``{name: label value}`` from a mapping or from an object holding one in ``.classes`` (a prompt)."""
     return dict(getattr(classes, "classes", classes))
+
+
+def most_probable_class(prob: torch.Tensor, threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """The label-map rule: each voxel's most probable class, kept where its probability reaches ``threshold``.
+
+    Args:
+        prob: ``(K, *S)`` per-class probabilities.
+
+    Returns:
+        ``(1, *S)`` class index (the first of tied classes) and ``(1, *S)`` bool, whether the voxel is labelled.
+    """
+    best, idx = prob.max(dim=0, keepdim=True)
+    return idx, best >= threshold
+
+
+class ClassMasksd(MapTransform):
+    """Per-class probabilities ``(K, *S)`` -> binary masks ``(K, *S)``, either each class on its own (``p >=
+    threshold``: the per-class binary masks of the IRIS paper's evaluation) or ``exclusive``: the masks of the label
+    map that :class:`ProbabilitiesToLabelMapd` writes (each voxel in its most probable class only), so an evaluation
+    scores exactly what inference delivers.
+
+    Args:
+        keys: prediction keys.
+        threshold: minimum probability of a foreground voxel. Default 0.5.
+        exclusive: one class per voxel, as in the written label map. Default False; the string ``'false'`` of the
+            bundle runner's command line counts as False.
+    """
+
+    def __init__(self, keys: KeysCollection, threshold: float = 0.5, exclusive=False,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.threshold = float(threshold)
+        self.exclusive = as_bool(exclusive, "exclusive")
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            prob = d[key]
+            if not self.exclusive:
+                d[key] = (prob >= self.threshold).to(prob.dtype)
+                continue
+            idx, keep = most_probable_class(prob, self.threshold)
+            classes = torch.arange(prob.shape[0], device=prob.device).view(-1, *([1] * (prob.dim() - 1)))
+            d[key] = ((idx == classes) & keep).to(prob.dtype)
+        return d
 
 
 class ProbabilitiesToLabelMapd(MapTransform):
@@ -43,7 +90,7 @@ class ProbabilitiesToLabelMapd(MapTransform):
             prob = d[key]
             if prob.shape[0] != len(values):
                 raise ValueError(f"'{key}' has {prob.shape[0]} channels but {len(values)} classes are defined.")
-            best, idx = prob.max(dim=0, keepdim=True)
+            idx, keep = most_probable_class(prob, self.threshold)
             lut = torch.tensor(values, dtype=torch.int16, device=idx.device)
-            d[key] = torch.where(best >= self.threshold, lut[idx], torch.zeros_like(idx, dtype=torch.int16))
+            d[key] = torch.where(keep, lut[idx], torch.zeros_like(idx, dtype=torch.int16))
         return d

@@ -12,6 +12,7 @@ from monai.data import MetaTensor
 from common.transforms import (
     CT_WINDOWS,
     CheckOutputsd,
+    ClassMasksd,
     ScaleIntensityWindowd,
     ProbabilitiesToLabelMapd,
     SaveSegmentationSummaryd,
@@ -174,6 +175,24 @@ def test_probabilities_to_label_map_by_hand():
         p = prob[(slice(None), *idx)]
         expected = values[int(p.argmax())] if float(p.max()) >= 0.6 else 0
         assert int(out[(0, *idx)]) == expected
+
+
+@pytest.mark.parametrize("exclusive", [False, "false", True, "true"])
+def test_class_masks_are_the_written_label_map_when_exclusive(exclusive):
+    """``exclusive`` masks are exactly the label map's classes; otherwise each class is thresholded on its own (the
+    runner's string 'false' is False)."""
+    torch.manual_seed(0)
+    prob = torch.rand(3, 5, 4, 6)
+    masks = ClassMasksd("pred", threshold=0.6, exclusive=exclusive)({"pred": prob})["pred"]
+    assert masks.shape == prob.shape and masks.dtype == prob.dtype
+    if exclusive in (True, "true"):
+        label_map = ProbabilitiesToLabelMapd("pred", {"a": 1, "b": 2, "c": 3}, threshold=0.6)({"pred": prob})["pred"]
+        expected = torch.cat([label_map == v for v in (1, 2, 3)]).float()
+        assert masks.sum(0).max() <= 1  # one class per voxel
+    else:
+        expected = (prob >= 0.6).float()
+        assert masks.sum(0).max() > 1  # overlapping classes stay overlapping
+    assert torch.equal(masks, expected)
 
 
 def test_probabilities_to_label_map_reads_classes_at_call_time():
