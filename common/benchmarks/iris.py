@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from common.benchmarks.timing import time_call
+from common.benchmarks.timing import peak_memory_mb, time_call
 from common.bundle.args import as_bool
 from common.networks import iris_full, iris_small
 
@@ -56,7 +56,9 @@ def benchmark_iris(
 
     Returns:
         the setting, ``latency_s`` (median seconds of one step of ``batch_size`` queries) and ``peak_memory_mb``
-        (``torch.cuda.max_memory_allocated`` on CUDA; on CPU the process's peak resident set, Python included).
+        (``torch.cuda.max_memory_allocated`` on CUDA; on CPU the process's peak resident set, Python included),
+        and on CPU ``process_start_mb``, the resident set before the network is built (Python, PyTorch and what the
+        imports brought in), the part of the peak that is not IRIS's.
     """
     if size not in IRIS_SIZES:
         raise ValueError(f"size should be one of {sorted(IRIS_SIZES)}, got {size}.")
@@ -69,6 +71,7 @@ def benchmark_iris(
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device)
+    start_mb = peak_memory_mb("cpu")
     net = IRIS_SIZES[size]().to(dev).train(train)
     s = (image_size,) * 3
     image = torch.rand(batch_size, 1, *s, device=dev)
@@ -119,6 +122,8 @@ def benchmark_iris(
         "latency_s": round(timing["median_ms"] / 1000.0, 4),
         "peak_memory_mb": timing["peak_mb"],
     }
+    if dev.type == "cpu":
+        result["process_start_mb"] = round(start_mb, 1)
     if cached_references:
         result["reference_encoding_s"] = round(encoding[amp]["median_ms"] / 1000.0, 4)
     if fp32 is not None:

@@ -37,6 +37,8 @@ def test_iris_amp_alone_leaves_out_the_fp32_run():
     result = benchmark_iris(image_size=16, repeats=1, amp=True, cached_references=True, compare_fp32="false")
     assert result["amp_bf16"] and result["latency_s"] > 0
     assert "amp_speedup" not in result and "fp32_latency_s" not in result
+    # the process before the network existed is part of the CPU peak, never more than it
+    assert 0 < result["process_start_mb"] <= result["peak_memory_mb"]
 
 
 def test_ct_benchmark_reports_one_row_per_size():
