@@ -11,6 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.metrics import compute_dice
+from monai.networks.utils import one_hot
 
 from common.data import generate_synthetic_3d, write_references
 from tests.bundles.runner import BUNDLES, assert_kept, snapshot
@@ -100,6 +102,33 @@ def test_evaluate_writes_per_class_dice_per_strategy(synth, trained, tmp_path):
     assert table.startswith("| class | " + " | ".join(columns) + " |")
 
 
+@pytest.mark.parametrize("label_map", ["false", "true"])
+def test_shipped_weights_on_mni152(tmp_path, label_map):
+    """The shipped weights on real MR (MNI152 gray/white matter, 4 deformed queries, 64^3) reproduce metadata.json's
+    one-shot figures; scored on class masks they beat copying the reference on both classes (measured 0.659 and
+    0.630 against 0.627 and 0.605). The label map (``--label_map true``) gives gray matter the voxels both classes
+    claim (measured 0.662 and 0.519)."""
+    from common.data import build_mni152_task
+
+    task = tmp_path / "mni152"
+    build_mni152_task(task, num_queries=4)
+    out = tmp_path / "eval"
+    bundle_run(
+        ["train.json", "evaluate.json"],
+        "--datalist", str(task / "datalist.json"), "--references_file", str(task / "references.json"),
+        "--intensity_mode", "mr", "--ckpt_dir", str(BUNDLE / "models"), "--output_dir", str(out),
+        "--strategies", "['one_shot']", "--baselines", "['copy_reference']", "--label_map", label_map,
+    )
+    results = json.loads((out / "dice_per_strategy.json").read_text())
+    meta = json.loads((BUNDLE / "configs/metadata.json").read_text())["eval_metrics"]
+    key = "mean_dice_mni152_label_map_one_shot" if label_map == "true" else "mean_dice_mni152_one_shot"
+    assert results["one_shot"]["mean"] == pytest.approx(meta[key], abs=0.005)
+    assert results["copy_reference"]["mean"] == pytest.approx(meta["mean_dice_mni152_copy_reference"], abs=0.005)
+    if label_map == "false":
+        for tissue in ("gray_matter", "white_matter"):
+            assert results["one_shot"][tissue] > results["copy_reference"][tissue] + 0.01, results
+
+
 @pytest.mark.parametrize("strategy", ["one_shot", "ensemble", "memory", "tuning", "memory_ensemble"])
 def test_inference_strategies_on_embedded_sample(trained, tmp_path, strategy):
     extra = []
@@ -129,18 +158,21 @@ def test_inference_strategies_on_embedded_sample(trained, tmp_path, strategy):
 
 def test_inference_under_cpu_bf16_matches_float32(tmp_path):
     """``--cpu_amp true`` segments each query under bf16 autocast: the shipped weights' label maps on the embedded
-    sample at 32^3 agree with float32 (measured: Dice of the labelled voxels 0.971 and 0.943, about 2,000 of them per
-    query; 0.9996 and 0.9994 of all voxels equal)."""
+    sample at 32^3 agree with float32 (MONAI's Dice per class of the bf16 map against the fp32 one, mean over the
+    classes either map holds; measured: 0.952 over 3 classes and 0.995 over 2, 882 and 614 labelled voxels)."""
     segs = {}
     for amp in ("false", "true"):
         out = tmp_path / amp
         bundle_run("inference.json", "--output_dir", str(out), "--cpu_amp", amp, *SMALL)
-        segs[amp] = [np.asarray(nib.load(p).dataobj) for p in sorted(out.glob("*_seg.nii.gz"))]
+        segs[amp] = [torch.as_tensor(np.asarray(nib.load(p).dataobj)) for p in sorted(out.glob("*_seg.nii.gz"))]
     assert len(segs["true"]) == len(segs["false"]) == 2
+    num_classes = len(json.loads((BUNDLE / "sample/references.json").read_text())["classes"])
     for fp32, bf16 in zip(segs["false"], segs["true"]):
         assert (fp32 > 0).sum() > 100  # a real segmentation, so agreement is not that of two empty maps
-        same = (fp32 == bf16) & (fp32 > 0)
-        assert 2 * same.sum() / ((fp32 > 0).sum() + (bf16 > 0).sum()) > 0.9
+        per_class = compute_dice(*(one_hot(m[None, None].long(), num_classes + 1) for m in (bf16, fp32)),
+                                 include_background=False, ignore_empty=False)[0]
+        shown = torch.tensor([bool(((fp32 == v) | (bf16 == v)).any()) for v in range(1, num_classes + 1)])
+        assert float(per_class[shown].mean()) > 0.9, per_class
 
 
 def test_inference_never_overwrites_outputs(trained, tmp_path):
