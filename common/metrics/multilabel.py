@@ -6,9 +6,8 @@ and in ``common.transforms.report_outputs.SaveReportLabelsd``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
 import math
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch

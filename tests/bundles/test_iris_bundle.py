@@ -102,20 +102,26 @@ def test_evaluate_writes_per_class_dice_per_strategy(synth, trained, tmp_path):
     assert table.startswith("| class | " + " | ".join(columns) + " |")
 
 
+@pytest.fixture(scope="module")
+def mni152(tmp_path_factory) -> Path:
+    """The MNI152 gray/white-matter task: the template as reference, 4 deformed queries (built once per module)."""
+    from common.data import build_mni152_task
+
+    task = tmp_path_factory.mktemp("mni152")
+    build_mni152_task(task, num_queries=4)
+    return task
+
+
 @pytest.mark.parametrize("label_map", ["false", "true"])
-def test_shipped_weights_on_mni152(tmp_path, label_map):
+def test_shipped_weights_on_mni152(mni152, tmp_path, label_map):
     """The shipped weights on real MR (MNI152 gray/white matter, 4 deformed queries, 64^3) reproduce metadata.json's
     one-shot figures; scored on class masks they beat copying the reference on both classes (measured 0.659 and
     0.630 against 0.627 and 0.605). The label map (``--label_map true``) gives gray matter the voxels both classes
     claim (measured 0.662 and 0.519)."""
-    from common.data import build_mni152_task
-
-    task = tmp_path / "mni152"
-    build_mni152_task(task, num_queries=4)
     out = tmp_path / "eval"
     bundle_run(
         ["train.json", "evaluate.json"],
-        "--datalist", str(task / "datalist.json"), "--references_file", str(task / "references.json"),
+        "--datalist", str(mni152 / "datalist.json"), "--references_file", str(mni152 / "references.json"),
         "--intensity_mode", "mr", "--ckpt_dir", str(BUNDLE / "models"), "--output_dir", str(out),
         "--strategies", "['one_shot']", "--baselines", "['copy_reference']", "--label_map", label_map,
     )

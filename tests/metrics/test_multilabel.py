@@ -4,7 +4,6 @@ import math
 
 import numpy as np
 import pytest
-
 import torch
 
 from common.metrics.multilabel import format_table, multilabel_report, roc_auc, select_thresholds
