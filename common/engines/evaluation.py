@@ -112,16 +112,19 @@ class Foreground(nn.Module):
 
 
 class IntensityMatch(nn.Module):
-    """The "read the intensities" baseline: each class predicted where the query's intensity is more typical of the
-    class than of the rest of the foreground in the references, no model.
+    """The "read the intensities" baseline: each class predicted on the query's foreground voxels whose intensity
+    falls in the set of intensities that segments the class best in the references, no model.
 
     :meth:`encode_task` takes, per class, the histogram (``bins`` bins over [0, 1]) of the references' intensities
     inside the class and inside the rest of their foreground (``image > threshold``), pooled over the references
-    that show the class, with the class's share of the foreground as its prior; :meth:`segment` labels a foreground
-    voxel of the query with the class when ``prior * h_class(x) > (1 - prior) * h_rest(x)`` (the Bayes decision of
-    a per-voxel intensity classifier). Structures told apart by their intensity alone (gray and white matter in a
-    T1 image) score high this way wherever they lie, so a model must beat it, with :class:`CopyReference` and
-    :class:`Foreground`, before its Dice says it used more than the intensities.
+    that show the class; it ranks the bins by their likelihood ratio (class against rest) and keeps the top-ranked
+    bins whose union has the highest Dice with the class in the references (the best intensity classifier fitted to
+    the references, as in-context tuning fits the model to them; a Bayes rule with the class's prior would predict
+    nothing for a class that fills a few percent of the foreground). :meth:`segment` labels a foreground voxel of
+    the query with the class when its intensity bin was kept. Structures told apart by their intensity alone (gray
+    and white matter in a T1 image, a contrast-filled structure in CT) score high this way wherever they lie, so a
+    model must beat it, with :class:`CopyReference` and :class:`Foreground`, before its Dice says it used more than
+    the intensities.
 
     Args:
         bins: histogram bins over [0, 1] (preprocessed intensities). Default 32.
@@ -137,11 +140,10 @@ class IntensityMatch(nn.Module):
         return (image.clamp(0.0, 1.0) * self.bins).long().clamp_max(self.bins - 1)
 
     def encode_task(self, ref_image: torch.Tensor, ref_mask: torch.Tensor) -> torch.Tensor:
-        """``(B, R, 1, *S)`` images and ``(B, R, K, *S)`` masks -> ``(B, K, 2 * bins + 1)``: the class's and the rest's
-        normalised histograms and the class's prior."""
+        """``(B, R, 1, *S)`` images and ``(B, R, K, *S)`` masks -> ``(B, K, bins)``: 1 for the intensity bins kept for
+        each class, 0 elsewhere (all 0 for a class no reference shows)."""
         if ref_mask.dim() != ref_image.dim():
             ref_image, ref_mask = ref_image.unsqueeze(1), ref_mask.unsqueeze(1)
-        b, r, k = ref_mask.shape[:3]
         bins = self._bin(ref_image).flatten(2)  # (B, R, N)
         inside = (ref_image > self.threshold).flatten(2).float()  # (B, R, N)
         masks = ref_mask.flatten(3).float() * inside[:, :, None]  # (B, R, K, N)
@@ -149,25 +151,27 @@ class IntensityMatch(nn.Module):
         one_hot = torch.nn.functional.one_hot(bins, self.bins).float()  # (B, R, N, bins)
         h_class = torch.einsum("brkn,brnh->brkh", masks, one_hot)
         h_rest = torch.einsum("brkn,brnh->brkh", (inside[:, :, None] - masks).clamp_min(0.0), one_hot)
-        h_class, h_rest = (h_class * shown).sum(1), (h_rest * shown).sum(1)  # (B, K, bins)
+        h_class, h_rest = (h_class * shown).sum(1), (h_rest * shown).sum(1)  # (B, K, bins) voxel counts
         n_class, n_rest = h_class.sum(-1, keepdim=True), h_rest.sum(-1, keepdim=True)
-        prior = n_class / (n_class + n_rest).clamp_min(1.0)
-        smooth = 1e-3  # an intensity never seen in one of the two still has a finite likelihood
-        h_class = (h_class / n_class.clamp_min(1.0) + smooth) / (1.0 + smooth * self.bins)
-        h_rest = (h_rest / n_rest.clamp_min(1.0) + smooth) / (1.0 + smooth * self.bins)
-        return torch.cat([h_class, h_rest, prior], dim=-1)
+        smooth = 1e-3  # an intensity never seen in one of the two still has a finite ratio
+        ratio = (h_class / n_class.clamp_min(1.0) + smooth) / (h_rest / n_rest.clamp_min(1.0) + smooth)
+        order = torch.sort(ratio, dim=-1, descending=True, stable=True).indices
+        tp = h_class.gather(-1, order).cumsum(-1)  # class voxels in the top 1..bins bins
+        predicted = tp + h_rest.gather(-1, order).cumsum(-1)
+        dice = 2.0 * tp / (predicted + n_class).clamp_min(1.0)
+        best = dice.argmax(-1, keepdim=True)  # the shortest best prefix: bins no reference shows are left out
+        ranks = torch.arange(self.bins, device=ref_image.device)
+        keep = torch.zeros_like(ratio).scatter(-1, order, (ranks <= best).to(ratio.dtype))
+        return keep * (n_class > 0).to(keep.dtype)
 
     def segment(self, image: torch.Tensor, task_embeddings: torch.Tensor) -> torch.Tensor:
-        """``(B, 1, *S)`` query and ``(1 or B, K, 2 * bins + 1)`` -> ``(B, K, *S)`` logits."""
-        h_class, h_rest = task_embeddings[..., : self.bins], task_embeddings[..., self.bins: 2 * self.bins]
-        prior = task_embeddings[..., -1:].clamp(1e-6, 1 - 1e-6)
-        score = torch.log(prior * h_class) - torch.log((1 - prior) * h_rest)  # (1 or B, K, bins)
+        """``(B, 1, *S)`` query and ``(1 or B, K, bins)`` kept bins -> ``(B, K, *S)`` logits."""
+        keep = task_embeddings.expand(image.shape[0], -1, -1)
         bins = self._bin(image).flatten(1)  # (B, N)
-        score = score.expand(image.shape[0], -1, -1)
-        picked = torch.gather(score, 2, bins[:, None].expand(-1, score.shape[1], -1))  # (B, K, N)
+        picked = torch.gather(keep, 2, bins[:, None].expand(-1, keep.shape[1], -1))  # (B, K, N)
         inside = (image > self.threshold).flatten(1)[:, None]
-        logits = torch.where(inside & (picked > 0), self.logit, -self.logit)
-        return logits.to(image.dtype).view(image.shape[0], score.shape[1], *image.shape[2:])
+        logits = torch.where(inside & (picked > 0.5), self.logit, -self.logit)
+        return logits.to(image.dtype).view(image.shape[0], keep.shape[1], *image.shape[2:])
 
 
 # each baseline: the prompt strategy whose references it uses, and the network it swaps in for the model

@@ -120,20 +120,28 @@ def test_foreground_network():
 
 def test_intensity_match_network_by_hand():
     """Reference: class 1 at intensity 0.3, class 2 at 0.8, background 0. The query puts the same tissues elsewhere;
-    the baseline follows the intensities, not the place. At an intensity no reference shows (0.55) the two
-    histograms tie and the prior decides: class 2 fills 3/5 of the foreground, class 1 only 2/5."""
+    the baseline follows the intensities, not the place. An intensity no reference shows (0.55) is left to neither
+    class, and a class sharing its intensity with another keeps it only where that raises its Dice in the
+    references."""
     ref_image = torch.tensor([0.0, 0.3, 0.3, 0.8, 0.8, 0.8, 0.0, 0.0]).view(1, 1, 1, 8, 1, 1)
     ref_mask = torch.stack([ref_image == 0.3, ref_image == 0.8], dim=2).float().squeeze(3)  # (1, 1, 2, 8, 1, 1)
     network = IntensityMatch(bins=10)
     embeddings = network.encode_task(ref_image, ref_mask)
-    assert embeddings.shape == (1, 2, 21)
-    assert embeddings[0, :, -1].tolist() == pytest.approx([2 / 5, 3 / 5])  # each class's share of the foreground
+    assert embeddings.shape == (1, 2, 10)
+    assert embeddings[0].nonzero().tolist() == [[0, 3], [1, 8]]  # the bins of 0.3 and 0.8
     query = torch.tensor([0.8, 0.0, 0.3, 0.55, 0.3, 0.8, 0.8, 0.05]).view(1, 1, 8, 1, 1)
     logits = network.segment(query, embeddings)
     assert logits.shape == (1, 2, 8, 1, 1)
     predicted = (logits[0, :, :, 0, 0] > 0).tolist()
     assert predicted[0] == [False, False, True, False, True, False, False, False]
-    assert predicted[1] == [True, False, False, True, False, True, True, False]
+    assert predicted[1] == [True, False, False, False, False, True, True, False]
+    # one voxel of class 1 at 0.8 among three of class 2: taking 0.8 too would lower class 1's Dice (2/3 -> 4/7)
+    mixed = ref_mask.clone()
+    mixed[0, 0, 0, 3] = 1.0
+    mixed[0, 0, 1, 3] = 0.0
+    assert network.encode_task(ref_image, mixed)[0, 0].nonzero().flatten().tolist() == [3]
+    # class 1 nowhere in the reference: nothing is kept for it
+    assert network.encode_task(ref_image, ref_mask * torch.tensor([0.0, 1.0]).view(1, 1, 2, 1, 1, 1))[0, 0].sum() == 0
 
 
 def test_intensity_match_beats_copy_where_tissues_move(tmp_path):
