@@ -110,10 +110,11 @@ class CLI:
 
     def episodes_preview(
         self, out: str, num: int = 4, seed: int = 0, image_size: int = 48, references: int = 3, classes: int = 3,
-        overwrite: bool = False,
+        low_contrast_fraction: float = 0.0, overwrite: bool = False,
     ):
         """Write ``<out>/episodes.png``: the first ``num`` domain-randomised IRIS training episodes of ``seed``
-        (``common.data.RandomEpisodeDataset``), a row each with its references, its query and the class outlines."""
+        (``common.data.RandomEpisodeDataset``), a row each with its references, its query and the class outlines;
+        ``--low_contrast_fraction 1`` shows the CT-like, low-contrast ones."""
         overwrite = as_bool(overwrite, "--overwrite")
         from common.data import RandomEpisodeDataset
         from common.visualize import save_episode_sheet
@@ -124,7 +125,7 @@ class CLI:
         try:
             episodes = RandomEpisodeDataset(
                 image_size=(image_size,) * 3, classes_per_episode=classes, references_per_episode=references,
-                episodes_per_epoch=num, seed=seed,
+                episodes_per_epoch=num, seed=seed, low_contrast_fraction=float(low_contrast_fraction),
             )
             titles = [f"episode {i} (seed {seed})" for i in range(num)]
             path = save_episode_sheet([episodes[i] for i in range(num)], path, titles=titles, overwrite=overwrite)

@@ -333,6 +333,8 @@ class Appearance:
         noise_std: additive Gaussian noise after normalisation.
         invert: whether the contrast is inverted (``1 - x``).
         jitter: per-view standard deviation of the label means, as a fraction of their range.
+        window: ``(low, high)`` intensity window shared by every view of the episode, CT-like (fixed, so a label
+            keeps its intensity from view to view); None for the per-view 0.5-99.5 percentile window of MR.
     """
 
     means: np.ndarray
@@ -346,23 +348,24 @@ class Appearance:
     noise_std: float
     invert: bool
     jitter: float
+    window: tuple[float, float] | None = None
 
 
-def random_appearance(rng: np.random.Generator, num_labels: int) -> Appearance:
+def random_appearance(rng: np.random.Generator, num_labels: int, low_contrast_fraction: float = 0.0) -> Appearance:
     """A random appearance model for labels ``0..num_labels`` (see :class:`Appearance`).
 
     Label means are uniform in [0, 1] (label 0, background, is dark in most episodes, like air); spreads and
-    textures are drawn per label, so two labels may look alike and only their boundary tells them apart.
+    textures are drawn per label, so two labels may look alike and only their boundary tells them apart. With
+    probability ``low_contrast_fraction`` the appearance is CT-like instead (:func:`_low_contrast_appearance`).
     """
+    # drawn only when asked for, so that the default consumes the random state as it always did
+    if low_contrast_fraction > 0 and rng.random() < low_contrast_fraction:
+        return _low_contrast_appearance(rng, num_labels)
     n = num_labels + 1
     means = rng.uniform(0.0, 1.0, size=n)
     if rng.random() < 0.7:
         means[0] = rng.uniform(0.0, 0.05)
-    resolution = np.ones(3)
-    if rng.random() < 0.5:
-        resolution = rng.uniform(1.0, 1.6, size=3)
-        if rng.random() < 0.6:  # thick slices along one axis
-            resolution[rng.integers(0, 3)] = rng.uniform(1.5, 4.0)
+    resolution = _random_resolution(rng)
     return Appearance(
         means=means,
         noise=rng.uniform(0.0, 0.08, size=n) * (rng.random(n) < 0.7),
@@ -375,6 +378,49 @@ def random_appearance(rng: np.random.Generator, num_labels: int) -> Appearance:
         noise_std=float(rng.uniform(0.0, 0.05)),
         invert=bool(rng.random() < 0.15),
         jitter=float(rng.uniform(0.0, 0.03)),
+    )
+
+
+def _random_resolution(rng: np.random.Generator) -> np.ndarray:
+    resolution = np.ones(3)
+    if rng.random() < 0.5:
+        resolution = rng.uniform(1.0, 1.6, size=3)
+        if rng.random() < 0.6:  # thick slices along one axis
+            resolution[rng.integers(0, 3)] = rng.uniform(1.5, 4.0)
+    return resolution
+
+
+def _low_contrast_appearance(rng: np.random.Generator, num_labels: int) -> Appearance:
+    """A CT-like appearance: most labels inside a narrow band of intensities, a few far outside it, one fixed window.
+
+    In a windowed CT the soft tissues lie within a few hundredths of the window of each other while air, lung and
+    bone sit far off (fat at 0.54, soft tissue at 0.67 and a contrast-enhanced structure at 0.72 under the bundles'
+    default window), so the class is the one that is exactly as bright as the reference's, not the brightest thing
+    in the view. Labels keep their intensity from view to view (one window, no gamma, no inversion) and the noise
+    and texture are scaled to the band, as a scanner's noise is small against the window.
+    """
+    n = num_labels + 1
+    width = float(rng.uniform(0.04, 0.3))
+    means = rng.uniform(0.3, 0.8) + width * rng.uniform(-0.5, 0.5, size=n)
+    outliers = rng.random(n) < 0.15  # air, lung, bone, contrast: far from the band
+    means[outliers] = rng.uniform(0.0, 1.0, size=int(outliers.sum()))
+    if rng.random() < 0.7:
+        means[0] = rng.uniform(0.0, 0.05)
+    low, high = float(means.min()), float(means.max())
+    margin = 0.05 * max(high - low, 1e-3)
+    return Appearance(
+        means=means,
+        noise=width * rng.uniform(0.0, 0.3, size=n) * (rng.random(n) < 0.7),
+        texture=width * rng.uniform(0.0, 0.3, size=n) * (rng.random(n) < 0.5),
+        texture_points=int(rng.integers(4, 12)),
+        blur=float(rng.uniform(0.0, 1.0)),
+        resolution=_random_resolution(rng),
+        bias=float(rng.uniform(0.0, 0.03)),
+        gamma=1.0,
+        noise_std=float(rng.uniform(0.0, 0.1)) * width,
+        invert=False,
+        jitter=0.0,
+        window=(low - margin, high + margin),
     )
 
 
@@ -435,7 +481,11 @@ def render_view(
         image_t = F.interpolate(F.interpolate(image_t, size=low, mode="area"), size=size, mode="trilinear")
     image = image_t[0, 0].numpy()
     image = image * np.exp(appearance.bias * _smooth_fields(rng, 1, size, [3, 3, 3])[0])
-    image = _normalise(image) ** (appearance.gamma * np.exp(rng.normal(0.0, 0.05)))
+    if appearance.window is None:
+        image = _normalise(image) ** (appearance.gamma * np.exp(rng.normal(0.0, 0.05)))
+    else:
+        low, high = appearance.window
+        image = np.clip((image - low) / (high - low), 0.0, 1.0)
     image = np.clip(image + rng.normal(0.0, appearance.noise_std, size=size), 0.0, 1.0)
     if appearance.invert:
         image = 1.0 - image
@@ -490,6 +540,7 @@ def random_episode(
     max_structures: int = 16,
     structure_weights: Mapping[str, float] | None = None,
     group_fraction: float = 0.0,
+    low_contrast_fraction: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """One domain-randomised episode in the layout of :class:`common.data.EpisodeDataset`.
 
@@ -509,6 +560,8 @@ def random_episode(
         group_fraction: share of episodes whose classes start with the parts of one multi-part structure (a
             shell and its core, a tissue ribbon and its core, an organ's parts), sometimes with the whole as a
             further class. Default 0 (classes drawn among all shown, parts and wholes alike).
+        low_contrast_fraction: share of episodes with a CT-like appearance (:func:`random_appearance`): most labels
+            within a narrow band of intensities under one fixed window. Default 0.
 
     Returns:
         ``image (1, *S)``, ``label (K, *S)`` (binary; unused channels ``ignore_value``), ``ref_image (R, 1, *S)``,
@@ -520,7 +573,7 @@ def random_episode(
     num_refs = int(rng.integers(min_references, references_per_episode + 1))
     for _ in range(MAX_ATTEMPTS):
         anatomy = random_anatomy(rng, canvas, max_structures, structure_weights)
-        appearance = random_appearance(rng, anatomy.num_labels)
+        appearance = random_appearance(rng, anatomy.num_labels, low_contrast_fraction)
         views = [render_view(rng, anatomy, appearance, size) for _ in range(num_refs + 1)]
         classes = _draw_classes(rng, [lab for _, lab in views], anatomy, classes_per_episode, group_fraction)
         if classes:
@@ -575,6 +628,8 @@ class RandomEpisodeDataset(Dataset):
             :data:`STRUCTURE_WEIGHTS`.
         group_fraction: share of episodes that set the parts of one structure side by side
             (:func:`random_episode`). Default 0.
+        low_contrast_fraction: share of episodes with a CT-like, low-contrast appearance (:func:`random_episode`).
+            Default 0.
 
     Example:
         >>> ds = RandomEpisodeDataset(image_size=(32, 32, 32), references_per_episode=2, episodes_per_epoch=4)
@@ -594,6 +649,7 @@ class RandomEpisodeDataset(Dataset):
         max_structures: int = 16,
         structure_weights: Mapping[str, float] | None = None,
         group_fraction: float = 0.0,
+        low_contrast_fraction: float = 0.0,
     ) -> None:
         _check_counts(classes_per_episode, references_per_episode, episodes_per_epoch)
         size = tuple(int(n) for n in image_size)
@@ -605,10 +661,12 @@ class RandomEpisodeDataset(Dataset):
             raise ValueError(f"seed should be a non-negative integer, got {seed}.")
         if max_structures < 1:
             raise ValueError(f"max_structures should be >= 1, got {max_structures}.")
-        if not 0.0 <= float(group_fraction) <= 1.0:
-            raise ValueError(f"group_fraction should be in [0, 1], got {group_fraction}.")
+        for name, value in (("group_fraction", group_fraction), ("low_contrast_fraction", low_contrast_fraction)):
+            if not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"{name} should be in [0, 1], got {value}.")
         self.structure_weights = None if structure_weights is None else _check_weights(structure_weights)
         self.group_fraction = float(group_fraction)
+        self.low_contrast_fraction = float(low_contrast_fraction)
         self.image_size = size
         self.classes_per_episode = classes_per_episode
         self.references_per_episode = references_per_episode
@@ -632,6 +690,7 @@ class RandomEpisodeDataset(Dataset):
         return random_episode(
             rng, self.image_size, self.classes_per_episode, self.references_per_episode, self.min_references,
             self.ignore_value, self.max_structures, self.structure_weights, self.group_fraction,
+            self.low_contrast_fraction,
         )
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
