@@ -56,6 +56,11 @@ def test_episodes_preview_command(tmp_path):
     assert png.read_bytes() == before
     cli("episodes_preview", "--out", str(tmp_path), "--num", "1", "--image_size", "32", "--overwrite", "true")
     assert png.read_bytes() != before
+    one = png.read_bytes()
+    # the same episode drawn CT-like looks different
+    cli("episodes_preview", "--out", str(tmp_path), "--num", "1", "--image_size", "32", "--overwrite", "true",
+        "--low_contrast_fraction", "1")
+    assert png.read_bytes() != one
 
 
 def test_vindr_detection_command_on_the_real_annotations(tmp_path):

@@ -12,7 +12,9 @@ Billot et al., Medical Image Analysis 2023) and UniverSeg (synthetic tasks; Buto
    matter). Boundaries and intensities, not silhouettes, carry the classes.
 2. **Appearance** (:func:`random_appearance`): per-label mean intensities and texture drawn per episode, then per
    view a blur, a resolution loss (down- and up-sampling, often anisotropic, like thick slices), a multiplicative
-   bias field, percentile normalisation to [0, 1], gamma, noise and, now and then, an inverted contrast.
+   bias field, percentile normalisation to [0, 1], gamma, noise and, now and then, an inverted contrast; or, in a
+   chosen share of episodes, a CT-like appearance: most labels within a narrow band of intensities under one fixed
+   window, so that a class is told apart from its neighbours by a few hundredths of the window.
 3. **Views** (:func:`render_view`): the references and the query show the same anatomy under the same appearance
    (means perturbed slightly per view), each under its own smooth deformation, small affine (rotation, scaling,
    shift) and crop; the classes are labels (or a nested structure as a whole) that every view shows.
